@@ -1,0 +1,316 @@
+//! The CPU backend: [`MambaOps`] over `[f32]` buffers and [`Tensor`] weights.
+//!
+//! Every op validates its buffer sizes and indices once, then runs the
+//! kernels of [`crate::kernels`]. Matrix products split their output across
+//! threads through the [`Parallel`] hook, which the std runtime fills with a
+//! thread pool; the core's own [`Sequential`] runs in place.
+
+use crate::config::MambaConfig;
+use crate::error::CoreError;
+use crate::kernels;
+use crate::ops::{check_distinct, Layer, MambaOps, Ragged, ScanBufs};
+use crate::tensor::Tensor;
+
+/// A way to run work over disjoint chunks of an output buffer, maybe in parallel.
+pub trait Parallel: Sync {
+    /// Worker threads available (1 for sequential).
+    fn threads(&self) -> usize;
+    /// Call `f(start, chunk)` for consecutive chunks of `data` of `chunk` values
+    /// (the last may be shorter), where `start` is the chunk's offset in `data`.
+    fn for_each_chunk(&self, data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync));
+}
+
+/// Runs every chunk on the calling thread.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sequential;
+
+impl Parallel for Sequential {
+    fn threads(&self) -> usize {
+        1
+    }
+    fn for_each_chunk(&self, data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+        for (i, c) in data.chunks_mut(chunk.max(1)).enumerate() {
+            f(i * chunk.max(1), c);
+        }
+    }
+}
+
+/// The CPU backend. `'a` is the lifetime of the weights it reads.
+#[derive(Clone, Copy)]
+pub struct CpuBackend<'a> {
+    par: &'a dyn Parallel,
+}
+
+impl Default for CpuBackend<'_> {
+    fn default() -> Self {
+        CpuBackend { par: &Sequential }
+    }
+}
+
+impl<'a> CpuBackend<'a> {
+    /// A backend that splits matrix products through `par`.
+    pub fn new(par: &'a dyn Parallel) -> Self {
+        CpuBackend { par }
+    }
+}
+
+fn need<'b>(what: &'static str, buf: &'b [f32], n: usize) -> Result<&'b [f32], CoreError> {
+    buf.get(..n).ok_or(CoreError::BufferTooSmall { what, need: n, got: buf.len() })
+}
+
+fn need_mut<'b>(what: &'static str, buf: &'b mut [f32], n: usize) -> Result<&'b mut [f32], CoreError> {
+    let got = buf.len();
+    buf.get_mut(..n).ok_or(CoreError::BufferTooSmall { what, need: n, got })
+}
+
+fn check_slots(cfg: &MambaConfig, slots: &[usize], states: &[f32], layer: usize) -> Result<(), CoreError> {
+    let layout = cfg.state_layout();
+    let n = layout.slots_in(states.len());
+    if let Some(&slot) = slots.iter().find(|&&s| s >= n) {
+        return Err(CoreError::SlotOutOfRange { slot, slots: n });
+    }
+    if layer >= cfg.n_layer {
+        return Err(CoreError::BadBatch("layer index past n_layer"));
+    }
+    check_distinct(slots)
+}
+
+/// Rows per parallel task so every thread gets a couple of tasks.
+fn rows_per_task(rows: usize, threads: usize) -> usize {
+    rows.div_ceil(threads.max(1) * 2).max(1)
+}
+
+impl<'a> MambaOps for CpuBackend<'a> {
+    type Buf = [f32];
+    type Weight = Tensor<'a>;
+    type Error = CoreError;
+
+    fn embed(&self, table: &Tensor<'a>, tokens: &[u32], out: &mut [f32]) -> Result<(), CoreError> {
+        if let Some(&token) = tokens.iter().find(|&&t| t as usize >= table.rows) {
+            return Err(CoreError::TokenOutOfRange { token, vocab: table.rows });
+        }
+        let out = need_mut("embed out", out, tokens.len() * table.cols)?;
+        kernels::embed_rows(table, tokens, out);
+        Ok(())
+    }
+
+    fn rms_norm(
+        &self,
+        x: &[f32],
+        rows: usize,
+        w: &Tensor<'a>,
+        eps: f32,
+        out: &mut [f32],
+    ) -> Result<(), CoreError> {
+        let n = rows * w.len();
+        kernels::rms_norm(need("rms_norm x", x, n)?, w.data, eps, need_mut("rms_norm out", out, n)?);
+        Ok(())
+    }
+
+    fn add_assign(&self, acc: &mut [f32], x: &[f32], len: usize) -> Result<(), CoreError> {
+        let acc = need_mut("residual", acc, len)?;
+        for (a, &v) in acc.iter_mut().zip(need("residual delta", x, len)?) {
+            *a += v;
+        }
+        Ok(())
+    }
+
+    fn linear(
+        &self,
+        x: &[f32],
+        rows: usize,
+        w: &Tensor<'a>,
+        bias: Option<&Tensor<'a>>,
+        out: &mut [f32],
+    ) -> Result<(), CoreError> {
+        let (n_out, k) = (w.rows, w.cols);
+        if let Some(b) = bias {
+            b.expect_shape("linear bias", 1, n_out)?;
+        }
+        let x = need("linear x", x, rows * k)?;
+        let out = need_mut("linear out", out, rows * n_out)?;
+        if rows == 1 {
+            // Decode: split output features, each weight row read once.
+            let chunk = n_out.div_ceil(self.par.threads().max(1) * 4).max(16);
+            self.par.for_each_chunk(out, chunk, &|f0, o| {
+                kernels::linear(x, 1, w, bias, (f0, f0 + o.len()), o, 0)
+            });
+        } else {
+            let per = rows_per_task(rows, self.par.threads()) * n_out;
+            self.par.for_each_chunk(out, per, &|start, o| {
+                let r0 = start / n_out;
+                let nr = o.len() / n_out;
+                kernels::linear(&x[r0 * k..(r0 + nr) * k], nr, w, bias, (0, n_out), o, n_out)
+            });
+        }
+        Ok(())
+    }
+
+    fn dt_proj_softplus(
+        &self,
+        layer: Layer<'_, Tensor<'a>>,
+        dbc: &[f32],
+        rows: usize,
+        dt: &mut [f32],
+    ) -> Result<(), CoreError> {
+        let (cfg, lw) = (layer.cfg, layer.w);
+        let xp = cfg.x_proj_dim();
+        let dbc = need("dbc", dbc, rows * xp)?;
+        let dt = need_mut("dt", dt, rows * cfg.d_inner)?;
+        let per = rows_per_task(rows, self.par.threads()) * cfg.d_inner;
+        self.par.for_each_chunk(dt, per, &|start, o| {
+            let r0 = start / cfg.d_inner;
+            let nr = o.len() / cfg.d_inner;
+            kernels::dt_proj_softplus(&dbc[r0 * xp..], xp, nr, &lw.dt_proj, &lw.dt_bias, o)
+        });
+        Ok(())
+    }
+
+    fn conv1d_prefill(
+        &self,
+        layer: Layer<'_, Tensor<'a>>,
+        batch: Ragged<'_>,
+        xz: &[f32],
+        states: &mut [f32],
+        out: &mut [f32],
+    ) -> Result<(), CoreError> {
+        let rows = *batch.offsets.last().unwrap_or(&0);
+        batch.validate(rows)?;
+        let (cfg, lw) = (layer.cfg, layer.w);
+        check_slots(cfg, batch.slots, states, layer.index)?;
+        let (di, k) = (cfg.d_inner, cfg.d_conv);
+        let xz = need("xz", xz, rows * 2 * di)?;
+        let out = need_mut("conv out", out, rows * di)?;
+        let layout = cfg.state_layout();
+        for (i, &slot) in batch.slots.iter().enumerate() {
+            let r = batch.rows(i);
+            let off = layout.conv_offset(slot, layer.index);
+            kernels::conv1d_seq(
+                &xz[r.start * 2 * di..r.end * 2 * di],
+                2 * di,
+                r.len(),
+                di,
+                k,
+                lw.conv_w.data,
+                lw.conv_b.map(|b| b.data),
+                &mut states[off..off + layout.conv_len()],
+                &mut out[r.start * di..r.end * di],
+            );
+        }
+        Ok(())
+    }
+
+    fn conv1d_step(
+        &self,
+        layer: Layer<'_, Tensor<'a>>,
+        slots: &[usize],
+        xz: &[f32],
+        states: &mut [f32],
+        out: &mut [f32],
+    ) -> Result<(), CoreError> {
+        let (cfg, lw) = (layer.cfg, layer.w);
+        check_slots(cfg, slots, states, layer.index)?;
+        let (di, k) = (cfg.d_inner, cfg.d_conv);
+        let xz = need("xz", xz, slots.len() * 2 * di)?;
+        let out = need_mut("conv out", out, slots.len() * di)?;
+        let layout = cfg.state_layout();
+        for (i, &slot) in slots.iter().enumerate() {
+            let off = layout.conv_offset(slot, layer.index);
+            kernels::conv1d_step(
+                &xz[i * 2 * di..i * 2 * di + di],
+                k,
+                lw.conv_w.data,
+                lw.conv_b.map(|b| b.data),
+                &mut states[off..off + layout.conv_len()],
+                &mut out[i * di..(i + 1) * di],
+            );
+        }
+        Ok(())
+    }
+
+    fn scan_prefill(
+        &self,
+        layer: Layer<'_, Tensor<'a>>,
+        batch: Ragged<'_>,
+        act: ScanBufs<'_, [f32]>,
+        states: &mut [f32],
+        y: &mut [f32],
+    ) -> Result<(), CoreError> {
+        let rows = *batch.offsets.last().unwrap_or(&0);
+        batch.validate(rows)?;
+        let (cfg, lw) = (layer.cfg, layer.w);
+        check_slots(cfg, batch.slots, states, layer.index)?;
+        let (di, xp) = (cfg.d_inner, cfg.x_proj_dim());
+        let (x, dt) = (need("scan x", act.x, rows * di)?, need("scan dt", act.dt, rows * di)?);
+        let (dbc, xz) = (need("scan dbc", act.dbc, rows * xp)?, need("scan xz", act.xz, rows * 2 * di)?);
+        let y = need_mut("scan y", y, rows * di)?;
+        let layout = cfg.state_layout();
+        for (i, &slot) in batch.slots.iter().enumerate() {
+            let r = batch.rows(i);
+            let off = layout.ssm_offset(slot, layer.index);
+            let seq = kernels::ScanRows {
+                x: &x[r.start * di..r.end * di],
+                dt: &dt[r.start * di..r.end * di],
+                dbc: &dbc[r.start * xp..r.end * xp],
+                xz: &xz[r.start * 2 * di..r.end * 2 * di],
+                d_inner: di,
+                d_state: cfg.d_state,
+                dt_rank: cfg.dt_rank,
+            };
+            kernels::selective_scan_seq(
+                seq,
+                r.len(),
+                lw.a.data,
+                lw.d.data,
+                &mut states[off..off + layout.ssm_len()],
+                &mut y[r.start * di..r.end * di],
+            );
+        }
+        Ok(())
+    }
+
+    fn scan_step(
+        &self,
+        layer: Layer<'_, Tensor<'a>>,
+        slots: &[usize],
+        act: ScanBufs<'_, [f32]>,
+        states: &mut [f32],
+        y: &mut [f32],
+    ) -> Result<(), CoreError> {
+        let (cfg, lw) = (layer.cfg, layer.w);
+        check_slots(cfg, slots, states, layer.index)?;
+        let (di, xp, b) = (cfg.d_inner, cfg.x_proj_dim(), slots.len());
+        let (x, dt) = (need("scan x", act.x, b * di)?, need("scan dt", act.dt, b * di)?);
+        let (dbc, xz) = (need("scan dbc", act.dbc, b * xp)?, need("scan xz", act.xz, b * 2 * di)?);
+        let y = need_mut("scan y", y, b * di)?;
+        let layout = cfg.state_layout();
+        for (i, &slot) in slots.iter().enumerate() {
+            let off = layout.ssm_offset(slot, layer.index);
+            let seq = kernels::ScanRows {
+                x: &x[i * di..(i + 1) * di],
+                dt: &dt[i * di..(i + 1) * di],
+                dbc: &dbc[i * xp..(i + 1) * xp],
+                xz: &xz[i * 2 * di..(i + 1) * 2 * di],
+                d_inner: di,
+                d_state: cfg.d_state,
+                dt_rank: cfg.dt_rank,
+            };
+            kernels::selective_scan_step(
+                seq,
+                lw.a.data,
+                lw.d.data,
+                &mut states[off..off + layout.ssm_len()],
+                &mut y[i * di..(i + 1) * di],
+            );
+        }
+        Ok(())
+    }
+
+    fn gather_rows(&self, x: &[f32], width: usize, rows: &[usize], out: &mut [f32]) -> Result<(), CoreError> {
+        let out = need_mut("gather out", out, rows.len() * width)?;
+        for (&r, o) in rows.iter().zip(out.chunks_exact_mut(width.max(1))) {
+            o.copy_from_slice(need("gather x", x, (r + 1) * width)?.get(r * width..).unwrap_or(&[]));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,59 @@
+//! Dot products of a stored weight row with an f32 activation row.
+//!
+//! Eight independent accumulators let the compiler vectorise; bf16 and f16
+//! are widened in registers, never copied.
+
+use crate::tensor::{bf16_to_f32, WData};
+
+/// `sum_i w[i] * x[i]` over the shorter of the two.
+#[inline]
+pub fn dot(w: WData<'_>, x: &[f32]) -> f32 {
+    match w {
+        WData::F32(a) => dot_with(a, x, |v| v),
+        WData::F16(a) => dot_with(a, x, |v| v.to_f32()),
+        WData::BF16(a) => dot_with(a, x, bf16_to_f32),
+    }
+}
+
+#[inline(always)]
+fn dot_with<T: Copy>(a: &[T], x: &[f32], widen: impl Fn(T) -> f32) -> f32 {
+    let n = a.len().min(x.len());
+    let (a, x) = (&a[..n], &x[..n]);
+    let mut acc = [0.0f32; 8];
+    let mut ac = a.chunks_exact(8);
+    let mut xc = x.chunks_exact(8);
+    for (ca, cx) in (&mut ac).zip(&mut xc) {
+        for i in 0..8 {
+            acc[i] += widen(ca[i]) * cx[i];
+        }
+    }
+    let mut tail = 0.0f32;
+    for (&va, &vx) in ac.remainder().iter().zip(xc.remainder()) {
+        tail += widen(va) * vx;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    #[test]
+    fn dot_agrees_across_dtypes() {
+        let mut w = [0.0f32; 37];
+        let mut x = [0.0f32; 37];
+        for i in 0..37 {
+            w[i] = (i as f32 * 0.37).sin();
+            x[i] = (i as f32 * 0.11).cos();
+        }
+        let want: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
+        assert!((dot(WData::F32(&w), &x) as f64 - want).abs() < 1e-5);
+        let wb: [bf16; 37] = core::array::from_fn(|i| bf16::from_f32(w[i]));
+        let want_b: f64 = wb.iter().zip(&x).map(|(a, &b)| a.to_f64() * b as f64).sum();
+        assert!((dot(WData::BF16(&wb), &x) as f64 - want_b).abs() < 1e-5);
+        let wh: [f16; 37] = core::array::from_fn(|i| f16::from_f32(w[i]));
+        let want_h: f64 = wh.iter().zip(&x).map(|(a, &b)| a.to_f64() * b as f64).sum();
+        assert!((dot(WData::F16(&wh), &x) as f64 - want_h).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,20 @@
+//! Scalar reference kernels over caller slices, f32 compute.
+//!
+//! Each kernel documents the shapes it reads and writes. They do not check
+//! shapes themselves: the backend validates once per call, then dispatches.
+
+pub mod act;
+pub mod conv;
+pub mod dot;
+pub mod embed;
+pub mod linear;
+pub mod norm;
+pub mod scan;
+
+pub use act::{silu, softplus};
+pub use conv::{conv1d_seq, conv1d_step};
+pub use dot::dot;
+pub use embed::embed_rows;
+pub use linear::{dt_proj_softplus, linear};
+pub use norm::rms_norm;
+pub use scan::{a_from_a_log, selective_scan_seq, selective_scan_step, ScanRows};

@@ -6,7 +6,8 @@ Usage: /opt/fixenv/bin/python tools/make_torch_bin_fixtures.py
 Writes into std-runtime/tests/data/torch_bin/:
   state_dict.bin   - plain dict state dict with f32/f16/bf16 tensors, a
                      transposed (non-contiguous) view, two tensors sharing one
-                     storage at different offsets, and a [1] tensor.
+                     storage at different offsets, a [1] tensor, and a
+                     tensor carrying a Python attribute (_rebuild_from_type_v2).
   state_dict.json  - expected values: {name: {"dtype", "shape", "values"}},
                      values flattened in row-major (contiguous) order as f32.
   ordered.bin      - torch.save of a collections.OrderedDict (as returned by
@@ -69,6 +70,10 @@ def main():
     scalar1 = torch.tensor([3.25], dtype=torch.float32)
     # Strided view inside a larger storage with nonzero offset and step 2.
     stepped = (torch.arange(20, dtype=torch.float16)).reshape(4, 5)[1:, ::2]
+    # A tensor with a Python attribute is pickled through
+    # torch._tensor._rebuild_from_type_v2(_rebuild_tensor_v2, torch.Tensor, args, state).
+    tagged = torch.tensor([0.25, -0.75], dtype=torch.float32)
+    tagged.tag = "x"
 
     sd = {
         "layer.weight": f32_2d,
@@ -80,6 +85,7 @@ def main():
         "shared_b": shared_b,
         "scalar1": scalar1,
         "stepped_f16": stepped,
+        "tagged": tagged,
     }
     assert not transposed.is_contiguous()
     assert not stepped.is_contiguous()

@@ -1,1 +1,21 @@
+//! `mamba-runtime`: loading real Mamba checkpoints and running them.
+//!
+//! - [`hub`]: resolve `--model` (a directory or a local Hugging Face cache entry).
+//! - [`config`], [`weights`], [`torch_bin`], [`model`]: checkpoints in the
+//!   Hugging Face and original `state-spaces` layouts.
+//! - [`session`]: state slots, chunked ragged prefill and batched steps on the CPU backend.
+//! - [`tokenizer`], [`sampling`]: text in and out.
+#![deny(unsafe_code)]
 
+pub mod config;
+pub mod error;
+pub mod hub;
+pub mod model;
+pub mod parallel;
+pub mod sampling;
+pub mod session;
+pub mod tokenizer;
+pub mod torch_bin;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,250 @@
+//! A loaded model: configuration, tensors, and the core's view of them.
+//!
+//! Tensor names are those of both layouts: `backbone.embeddings.weight`
+//! (Hugging Face) or `backbone.embedding.weight` (original), then
+//! `backbone.layers.{i}.norm.weight`, `backbone.layers.{i}.mixer.*`,
+//! `backbone.norm_f.weight` and `lm_head.weight` (absent when tied).
+
+use std::path::{Path, PathBuf};
+
+use mamba_core::{kernels::a_from_a_log, DType, LayerWeights, MambaConfig, Model, Tensor};
+
+use crate::config::{FileConfig, Layout};
+use crate::error::{Error, Result};
+use crate::hub::resolve_model_dir;
+use crate::weights::{RawTensor, TensorStore};
+
+const EMBEDDING_NAMES: [&str; 2] = ["backbone.embeddings.weight", "backbone.embedding.weight"];
+
+/// A model ready to run: its files, configuration and weights.
+pub struct LoadedModel {
+    pub dir: PathBuf,
+    pub file_config: FileConfig,
+    /// Dimensions as the core runs them (`vocab_size` = embedding rows).
+    pub cfg: MambaConfig,
+    /// Stored dtype of the large matrices.
+    pub dtype: DType,
+    store: TensorStore,
+    /// `A = -exp(A_log)` per layer, `[d_inner * d_state]`, computed once.
+    a: Vec<Vec<f32>>,
+    embedding_name: &'static str,
+    lm_head: bool,
+}
+
+/// The core's view of a loaded model (`layers` owned here).
+pub struct ModelView<'a> {
+    cfg: MambaConfig,
+    embedding: Tensor<'a>,
+    layers: Vec<LayerWeights<Tensor<'a>>>,
+    norm_f: Tensor<'a>,
+    lm_head: Option<Tensor<'a>>,
+}
+
+impl<'a> ModelView<'a> {
+    /// The [`Model`] the core's driver runs.
+    pub fn model(&self) -> Model<'_, Tensor<'a>> {
+        Model {
+            cfg: self.cfg,
+            embedding: self.embedding,
+            layers: &self.layers,
+            norm_f: self.norm_f,
+            lm_head: self.lm_head,
+        }
+    }
+}
+
+fn shape_err(t: &RawTensor<'_>, expected: &[usize]) -> Error {
+    Error::TensorShape {
+        name: t.name.to_string(),
+        file: t.file.to_path_buf(),
+        expected: expected.to_vec(),
+        got: t.shape.to_vec(),
+    }
+}
+
+/// View `t` as `[rows, cols]` after checking its stored shape equals `expected`.
+fn view<'a>(t: RawTensor<'a>, expected: &[usize], rows: usize, cols: usize) -> Result<Tensor<'a>> {
+    if t.shape != expected {
+        return Err(shape_err(&t, expected));
+    }
+    let what = "checkpoint tensor";
+    Ok(Tensor::from_bytes(t.dtype, t.bytes, rows, cols, what)?)
+}
+
+impl LoadedModel {
+    /// Load `spec`: a model directory, or `ORG/NAME` from the local Hugging Face cache.
+    pub fn load(spec: &str) -> Result<Self> {
+        let dir = resolve_model_dir(spec)?;
+        Self::load_dir(&dir)
+    }
+
+    /// Load a model directory.
+    pub fn load_dir(dir: &Path) -> Result<Self> {
+        let file_config = FileConfig::read(dir)?;
+        let store = TensorStore::open(dir)?;
+        let embedding_name = *EMBEDDING_NAMES.iter().find(|n| store.contains(n)).ok_or_else(|| {
+            Error::MissingTensor { name: EMBEDDING_NAMES[0].into(), dir: dir.to_path_buf() }
+        })?;
+        let fc = &file_config;
+        let emb = store.get(embedding_name)?;
+        if emb.shape.len() != 2 || emb.shape[1] != fc.d_model {
+            return Err(shape_err(&emb, &[fc.padded_vocab_size, fc.d_model]));
+        }
+        // The vocabulary comes from the embedding: checkpoints pad it.
+        let vocab_rows = emb.shape[0];
+        if vocab_rows < fc.vocab_size && fc.layout == Layout::Original {
+            return Err(shape_err(&emb, &[fc.padded_vocab_size, fc.d_model]));
+        }
+        let dtype = emb.dtype;
+        let lm_head = !fc.tie_embeddings && store.contains("lm_head.weight");
+        let cfg = MambaConfig {
+            d_model: fc.d_model,
+            d_inner: fc.d_inner,
+            d_state: fc.d_state,
+            d_conv: fc.d_conv,
+            dt_rank: fc.dt_rank,
+            n_layer: fc.n_layer,
+            vocab_size: vocab_rows,
+            eps: fc.eps,
+            use_bias: fc.use_bias,
+            use_conv_bias: fc.use_conv_bias,
+            residual_in_fp32: fc.residual_in_fp32,
+            tie_embeddings: !lm_head,
+        };
+        cfg.validate()
+            .map_err(|e| Error::Unsupported { path: dir.join("config.json"), msg: e.to_string() })?;
+        let mut a = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let name = format!("backbone.layers.{i}.mixer.A_log");
+            let t = view(store.get(&name)?, &[cfg.d_inner, cfg.d_state], cfg.d_inner, cfg.d_state)?;
+            let mut out = vec![0.0f32; cfg.d_inner * cfg.d_state];
+            a_from_a_log(t.data, &mut out);
+            a.push(out);
+        }
+        let model = LoadedModel {
+            dir: dir.to_path_buf(),
+            file_config,
+            cfg,
+            dtype,
+            store,
+            a,
+            embedding_name,
+            lm_head,
+        };
+        // Resolve every tensor once so a bad checkpoint fails here, not mid-run.
+        model.view()?.model().validate()?;
+        Ok(model)
+    }
+
+    /// The real vocabulary size: ids the sampler may produce.
+    pub fn sample_vocab(&self) -> usize {
+        self.file_config.vocab_size.clamp(1, self.cfg.vocab_size)
+    }
+
+    /// Build the core's view of the weights.
+    pub fn view(&self) -> Result<ModelView<'_>> {
+        let c = &self.cfg;
+        let (dm, di, n, k, r) = (c.d_model, c.d_inner, c.d_state, c.d_conv, c.dt_rank);
+        let s = &self.store;
+        let t = |name: &str, shape: &[usize], rows: usize, cols: usize| view(s.get(name)?, shape, rows, cols);
+        let opt = |name: &str,
+                   shape: &[usize],
+                   rows: usize,
+                   cols: usize,
+                   want: bool|
+         -> Result<Option<Tensor<'_>>> {
+            if want {
+                t(name, shape, rows, cols).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for i in 0..c.n_layer {
+            let p = format!("backbone.layers.{i}");
+            let m = format!("{p}.mixer");
+            layers.push(LayerWeights {
+                norm: t(&format!("{p}.norm.weight"), &[dm], 1, dm)?,
+                in_proj: t(&format!("{m}.in_proj.weight"), &[2 * di, dm], 2 * di, dm)?,
+                in_proj_bias: opt(&format!("{m}.in_proj.bias"), &[2 * di], 1, 2 * di, c.use_bias)?,
+                conv_w: t(&format!("{m}.conv1d.weight"), &[di, 1, k], di, k)?,
+                conv_b: opt(&format!("{m}.conv1d.bias"), &[di], 1, di, c.use_conv_bias)?,
+                x_proj: t(&format!("{m}.x_proj.weight"), &[r + 2 * n, di], r + 2 * n, di)?,
+                dt_proj: t(&format!("{m}.dt_proj.weight"), &[di, r], di, r)?,
+                dt_bias: t(&format!("{m}.dt_proj.bias"), &[di], 1, di)?,
+                a: Tensor::new(mamba_core::WData::F32(&self.a[i]), di, n, "A")?,
+                d: t(&format!("{m}.D"), &[di], 1, di)?,
+                out_proj: t(&format!("{m}.out_proj.weight"), &[dm, di], dm, di)?,
+                out_proj_bias: opt(&format!("{m}.out_proj.bias"), &[dm], 1, dm, c.use_bias)?,
+            });
+        }
+        let v = c.vocab_size;
+        Ok(ModelView {
+            cfg: *c,
+            embedding: t(self.embedding_name, &[v, dm], v, dm)?,
+            layers,
+            norm_f: t("backbone.norm_f.weight", &[dm], 1, dm)?,
+            lm_head: if self.lm_head { Some(t("lm_head.weight", &[v, dm], v, dm)?) } else { None },
+        })
+    }
+
+    /// Parameters stored (the tied head counted once).
+    pub fn parameter_count(&self) -> usize {
+        self.view().map_or(0, |v| {
+            let m = v.model();
+            let l: usize = m
+                .layers
+                .iter()
+                .map(|l| {
+                    let opt = |t: &Option<Tensor<'_>>| t.map_or(0, |t| t.len());
+                    l.norm.len()
+                        + l.in_proj.len()
+                        + opt(&l.in_proj_bias)
+                        + l.conv_w.len()
+                        + opt(&l.conv_b)
+                        + l.x_proj.len()
+                        + l.dt_proj.len()
+                        + l.dt_bias.len()
+                        + l.a.len()
+                        + l.d.len()
+                        + l.out_proj.len()
+                        + opt(&l.out_proj_bias)
+                })
+                .sum();
+            l + m.embedding.len() + m.norm_f.len() + m.lm_head.map_or(0, |h| h.len())
+        })
+    }
+
+    /// Bytes of stored weights read by the model (A counted as its stored A_log).
+    pub fn weight_bytes(&self) -> usize {
+        self.view().map_or(0, |v| {
+            let m = v.model();
+            let b = |t: &Tensor<'_>| t.nbytes();
+            let o = |t: &Option<Tensor<'_>>| t.as_ref().map_or(0, b);
+            let l: usize = m
+                .layers
+                .iter()
+                .map(|l| {
+                    b(&l.norm)
+                        + b(&l.in_proj)
+                        + o(&l.in_proj_bias)
+                        + b(&l.conv_w)
+                        + o(&l.conv_b)
+                        + b(&l.x_proj)
+                        + b(&l.dt_proj)
+                        + b(&l.dt_bias)
+                        + l.a.len() * self.dtype.size()
+                        + b(&l.d)
+                        + b(&l.out_proj)
+                        + o(&l.out_proj_bias)
+                })
+                .sum();
+            l + b(&m.embedding) + b(&m.norm_f) + o(&m.lm_head)
+        })
+    }
+
+    /// The weight files read.
+    pub fn weight_files(&self) -> &[PathBuf] {
+        &self.store.files
+    }
+}

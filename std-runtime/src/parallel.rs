@@ -1,0 +1,59 @@
+//! The core's [`Parallel`] hook on a rayon thread pool.
+
+use mamba_core::Parallel;
+use rayon::prelude::*;
+
+/// Splits chunked work over a rayon pool of a chosen size.
+pub struct RayonParallel {
+    pool: rayon::ThreadPool,
+}
+
+impl RayonParallel {
+    /// A pool of `threads` workers (0 = one per physical core).
+    pub fn new(threads: usize) -> std::result::Result<Self, rayon::ThreadPoolBuildError> {
+        let n = if threads == 0 { default_threads() } else { threads };
+        Ok(RayonParallel { pool: rayon::ThreadPoolBuilder::new().num_threads(n).build()? })
+    }
+}
+
+/// Physical cores where the OS tells them, else logical CPUs.
+pub fn default_threads() -> usize {
+    physical_cores().unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn physical_cores() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mut cores = std::collections::HashSet::new();
+    let (mut phys, mut core) = (None, None);
+    for line in text.lines() {
+        let val = || line.split(':').nth(1).map(|v| v.trim().to_string());
+        if line.starts_with("physical id") {
+            phys = val();
+        } else if line.starts_with("core id") {
+            core = val();
+        } else if line.trim().is_empty() {
+            if let (Some(p), Some(c)) = (phys.take(), core.take()) {
+                cores.insert((p, c));
+            }
+        }
+    }
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (!cores.is_empty()).then(|| cores.len().min(online))
+}
+
+impl Parallel for RayonParallel {
+    fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    fn for_each_chunk(&self, data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+        let chunk = chunk.max(1);
+        if data.len() <= chunk || self.threads() == 1 {
+            for (i, c) in data.chunks_mut(chunk).enumerate() {
+                f(i * chunk, c);
+            }
+            return;
+        }
+        self.pool.install(|| data.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * chunk, c)));
+    }
+}

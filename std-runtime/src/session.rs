@@ -1,0 +1,226 @@
+//! Running a loaded model on the CPU: a pool of state slots, chunked ragged
+//! prefill and batched single-token steps.
+//!
+//! Each slot holds one sequence's conv and SSM states
+//! (`n_layer * d_inner * (d_conv + d_state)` f32 values, whatever the
+//! sequence length). A prefill longer than `chunk_tokens` runs in pieces
+//! that carry the state, so prompts of any length fit a fixed scratch.
+
+use mamba_core::{driver, CpuBackend, MambaConfig, Parallel, Ragged, ScratchPlan, StateLayout};
+
+use crate::error::{Error, Result};
+use crate::model::{LoadedModel, ModelView};
+
+/// Which logits a prefill returns for each sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// Only the last position's row.
+    Last,
+    /// One row per position.
+    All,
+}
+
+/// Default prefill chunk (tokens of all sequences together).
+pub const DEFAULT_CHUNK_TOKENS: usize = 512;
+
+/// A model with its state slots and scratch, ready to run.
+pub struct Session<'m> {
+    model: &'m LoadedModel,
+    view: ModelView<'m>,
+    par: &'m dyn Parallel,
+    states: Vec<f32>,
+    layout: StateLayout,
+    scratch: Vec<f32>,
+    /// Tokens per prefill chunk (all sequences of the chunk together).
+    pub chunk_tokens: usize,
+}
+
+impl<'m> Session<'m> {
+    /// A session with `n_slots` zeroed state slots.
+    pub fn new(model: &'m LoadedModel, par: &'m dyn Parallel, n_slots: usize) -> Result<Self> {
+        let layout = model.cfg.state_layout();
+        Ok(Session {
+            model,
+            view: model.view()?,
+            par,
+            states: vec![0.0; n_slots * layout.slot_len()],
+            layout,
+            scratch: vec![],
+            chunk_tokens: DEFAULT_CHUNK_TOKENS,
+        })
+    }
+
+    pub fn cfg(&self) -> &MambaConfig {
+        &self.model.cfg
+    }
+
+    pub fn model(&self) -> &'m LoadedModel {
+        self.model
+    }
+
+    /// Number of state slots.
+    pub fn slots(&self) -> usize {
+        self.layout.slots_in(self.states.len())
+    }
+
+    /// Zero a slot (a fresh sequence).
+    pub fn reset(&mut self, slot: usize) -> Result<()> {
+        let len = self.layout.slot_len();
+        let s = self.slot_range(slot)?;
+        self.states[s.start..s.start + len].fill(0.0);
+        Ok(())
+    }
+
+    fn slot_range(&self, slot: usize) -> Result<std::ops::Range<usize>> {
+        if slot >= self.slots() {
+            return Err(mamba_core::CoreError::SlotOutOfRange { slot, slots: self.slots() }.into());
+        }
+        let start = slot * self.layout.slot_len();
+        Ok(start..start + self.layout.slot_len())
+    }
+
+    /// Conv state of `(slot, layer)`: `[d_inner, d_conv]`, newest input last.
+    pub fn conv_state(&self, slot: usize, layer: usize) -> &[f32] {
+        let off = self.layout.conv_offset(slot, layer);
+        &self.states[off..off + self.layout.conv_len()]
+    }
+
+    /// SSM state of `(slot, layer)`: `[d_inner, d_state]`.
+    pub fn ssm_state(&self, slot: usize, layer: usize) -> &[f32] {
+        let off = self.layout.ssm_offset(slot, layer);
+        &self.states[off..off + self.layout.ssm_len()]
+    }
+
+    /// A whole slot's state.
+    pub fn slot_state(&self, slot: usize) -> Result<&[f32]> {
+        let r = self.slot_range(slot)?;
+        Ok(&self.states[r])
+    }
+
+    /// Overwrite a slot's state with a saved one.
+    pub fn set_slot_state(&mut self, slot: usize, state: &[f32]) -> Result<()> {
+        let r = self.slot_range(slot)?;
+        if state.len() != r.len() {
+            return Err(Error::Input(format!(
+                "a state has {} values, a slot needs {}",
+                state.len(),
+                r.len()
+            )));
+        }
+        self.states[r].copy_from_slice(state);
+        Ok(())
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        let vocab = self.model.cfg.vocab_size;
+        match tokens.iter().find(|&&t| t as usize >= vocab) {
+            Some(&t) => Err(Error::Input(format!(
+                "token id {t} is out of range: the model's vocabulary has {vocab} entries (0..{})",
+                vocab - 1
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn check_slots(&self, slots: &[usize]) -> Result<()> {
+        for &s in slots {
+            self.slot_range(s)?;
+        }
+        mamba_core::ops::check_distinct(slots)?;
+        Ok(())
+    }
+
+    /// Prefill `seqs[i]` into `slots[i]`, continuing whatever state the slot
+    /// holds, as one ragged batch cut into chunks of at most `chunk_tokens`.
+    /// Returns per sequence its logits rows, flat `[rows, vocab_size]`.
+    pub fn prefill(&mut self, seqs: &[&[u32]], slots: &[usize], mode: LogitsMode) -> Result<Vec<Vec<f32>>> {
+        if seqs.len() != slots.len() {
+            return Err(Error::Input("one slot is needed per sequence".into()));
+        }
+        self.check_slots(slots)?;
+        for (i, s) in seqs.iter().enumerate() {
+            if s.is_empty() {
+                return Err(Error::Input(format!("sequence {i} is empty")));
+            }
+            self.check_tokens(s)?;
+        }
+        let vocab = self.model.cfg.vocab_size;
+        let mut out: Vec<Vec<f32>> = seqs
+            .iter()
+            .map(|s| Vec::with_capacity(vocab * if mode == LogitsMode::All { s.len() } else { 1 }))
+            .collect();
+        let mut done = vec![0usize; seqs.len()];
+        let chunk = self.chunk_tokens.max(1);
+        loop {
+            // Gather one chunk: a piece of every unfinished sequence, in order.
+            let (mut tokens, mut offsets, mut chunk_slots, mut members) = (vec![], vec![0], vec![], vec![]);
+            let mut logit_rows = vec![];
+            for (i, s) in seqs.iter().enumerate() {
+                let room = chunk - tokens.len();
+                if room == 0 {
+                    break;
+                }
+                let take = (s.len() - done[i]).min(room);
+                if take == 0 {
+                    continue;
+                }
+                let row0 = tokens.len();
+                tokens.extend_from_slice(&s[done[i]..done[i] + take]);
+                done[i] += take;
+                match mode {
+                    LogitsMode::All => logit_rows.extend(row0..row0 + take),
+                    LogitsMode::Last if done[i] == s.len() => logit_rows.push(row0 + take - 1),
+                    LogitsMode::Last => {}
+                }
+                offsets.push(tokens.len());
+                chunk_slots.push(slots[i]);
+                members.push((i, row0, take));
+            }
+            if tokens.is_empty() {
+                break;
+            }
+            let batch = Ragged { offsets: &offsets, slots: &chunk_slots };
+            let logits = self.run_prefill(&tokens, batch, &logit_rows)?;
+            // Hand each logits row to its sequence.
+            let mut next = 0;
+            for &(i, row0, take) in &members {
+                let mine = logit_rows[next..].iter().take_while(|&&r| r < row0 + take).count();
+                out[i].extend_from_slice(&logits[next * vocab..(next + mine) * vocab]);
+                next += mine;
+            }
+        }
+        Ok(out)
+    }
+
+    fn run_prefill(&mut self, tokens: &[u32], batch: Ragged<'_>, logit_rows: &[usize]) -> Result<&[f32]> {
+        let cfg = self.model.cfg;
+        let plan = ScratchPlan::new(&cfg, tokens.len(), logit_rows.len());
+        if self.scratch.len() < plan.total() {
+            self.scratch.resize(plan.total(), 0.0);
+        }
+        let mut s = plan.split(&mut self.scratch)?;
+        let ops = CpuBackend::new(self.par);
+        driver::prefill(&ops, &self.view.model(), tokens, batch, logit_rows, &mut self.states, &mut s)?;
+        let n = logit_rows.len() * cfg.vocab_size;
+        Ok(&s.logits[..n])
+    }
+
+    /// One token for each sequence: `tokens[i]` continues `slots[i]`.
+    /// Returns `[B, vocab_size]` logits.
+    pub fn step(&mut self, tokens: &[u32], slots: &[usize]) -> Result<&[f32]> {
+        if tokens.len() != slots.len() {
+            return Err(Error::Input("a step needs one token per slot".into()));
+        }
+        self.check_slots(slots)?;
+        self.check_tokens(tokens)?;
+        let cfg = self.model.cfg;
+        let plan = ScratchPlan::new(&cfg, tokens.len(), tokens.len());
+        if self.scratch.len() < plan.total() {
+            self.scratch.resize(plan.total(), 0.0);
+        }
+        let mut s = plan.split(&mut self.scratch)?;
+        let ops = CpuBackend::new(self.par);
+        driver::step(&ops, &self.view.model(), tokens, slots, &mut self.states, &mut s)?;
+        Ok(&s.logits[..tokens.len() * cfg.vocab_size])
+    }
+}

@@ -1,0 +1,84 @@
+//! Text in and out through the `tokenizers` crate, with a streaming decoder
+//! that never splits a multi-byte character across printed pieces.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A `tokenizer.json` tokenizer.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl Tokenizer {
+    /// Load `dir/tokenizer.json` if the directory has one.
+    pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| Error::Tokenizer { path: path.clone(), msg: e.to_string() })?;
+        Ok(Some(Tokenizer { inner, path }))
+    }
+
+    /// Token ids of `text` (no special tokens added).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), msg: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens skipped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer { path: self.path.clone(), msg: e.to_string() })
+    }
+
+    /// The id of a token string, if it is in the vocabulary.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+}
+
+/// Turns a growing list of ids into text pieces as they become complete.
+///
+/// Decodes a short window ending at the newest token and emits only what
+/// the window adds, holding back while it ends in an incomplete character
+/// (U+FFFD), so byte-level tokens of one character print together.
+pub struct StreamDecoder<'t> {
+    tok: &'t Tokenizer,
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+impl<'t> StreamDecoder<'t> {
+    /// Start after `context` (the prompt), so the first piece joins it naturally.
+    pub fn new(tok: &'t Tokenizer, context: &[u32]) -> Self {
+        let keep = context.len().saturating_sub(6);
+        let ids = context[keep..].to_vec();
+        let n = ids.len();
+        StreamDecoder { tok, ids, prefix: 0, read: n }
+    }
+
+    /// Add one id; returns the newly completed text, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let before = self.tok.decode(&self.ids[self.prefix..self.read])?;
+        let after = self.tok.decode(&self.ids[self.prefix..])?;
+        if after.len() > before.len() && !after.ends_with('\u{FFFD}') && after.is_char_boundary(before.len())
+        {
+            let piece = after[before.len()..].to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            Ok(Some(piece))
+        } else {
+            Ok(None)
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The tensors of a checkpoint, by name, in their stored dtype.
+//!
+//! Safetensors files (single or sharded through `model.safetensors.index.json`)
+//! are memory-mapped and read in place; a tensor whose offset is not aligned
+//! to its element size is copied once into an aligned buffer, keeping its
+//! dtype. `pytorch_model.bin` (torch's zip + pickle) is read into memory by
+//! [`crate::torch_bin`] without executing any code.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use mamba_core::DType;
+use memmap2::Mmap;
+
+use crate::config::read_json_object;
+use crate::error::{Error, Result};
+use crate::torch_bin::{read_torch_bin, TorchDType};
+
+/// Where a tensor's bytes live.
+enum Backing {
+    Mmap(Mmap),
+    /// 8-byte aligned owned bytes (`len` of them are used).
+    Owned(Vec<u64>, usize),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mmap(m) => m,
+            Backing::Owned(v, len) => &bytemuck::cast_slice(v)[..*len],
+        }
+    }
+
+    fn owned(bytes: &[u8]) -> Backing {
+        let mut v = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut v)[..bytes.len()].copy_from_slice(bytes);
+        Backing::Owned(v, bytes.len())
+    }
+}
+
+/// One tensor's place: dtype (or the name of an unsupported one), shape, bytes.
+struct Entry {
+    dtype: std::result::Result<DType, String>,
+    shape: Vec<usize>,
+    backing: usize,
+    start: usize,
+    len: usize,
+    file: PathBuf,
+}
+
+/// A stored tensor as read: dtype, shape and little-endian bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct RawTensor<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub shape: &'a [usize],
+    pub bytes: &'a [u8],
+    pub file: &'a Path,
+}
+
+/// All tensors of a model directory.
+pub struct TensorStore {
+    dir: PathBuf,
+    backings: Vec<Backing>,
+    entries: HashMap<String, Entry>,
+    /// The weight files read, for messages and `inspect`.
+    pub files: Vec<PathBuf>,
+}
+
+impl TensorStore {
+    /// Open the weights of `dir`: `model.safetensors.index.json`, else
+    /// `model.safetensors`, else any single `*.safetensors`, else `pytorch_model.bin`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let mut store =
+            TensorStore { dir: dir.to_path_buf(), backings: vec![], entries: HashMap::new(), files: vec![] };
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let bin = dir.join("pytorch_model.bin");
+        if index.is_file() {
+            for shard in shard_files(&index)? {
+                store.add_safetensors(&dir.join(shard))?;
+            }
+        } else if single.is_file() {
+            store.add_safetensors(&single)?;
+        } else if let Some(other) = lone_safetensors(dir)? {
+            store.add_safetensors(&other)?;
+        } else if bin.is_file() {
+            store.add_torch_bin(&bin)?;
+        } else {
+            return Err(Error::NotFound {
+                path: dir.to_path_buf(),
+                what: "no weights: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+                    .into(),
+            });
+        }
+        Ok(store)
+    }
+
+    fn add_safetensors(&mut self, path: &Path) -> Result<()> {
+        let file = File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::NotFound { path: path.to_path_buf(), what: "weight file not found".into() }
+            }
+            _ => Error::io(path, e),
+        })?;
+        // SAFETY-free: memmap2's map is `unsafe` because another process may
+        // change the file under us; checkpoints are read-only inputs.
+        let mmap = map_file(&file).map_err(|e| Error::io(path, e))?;
+        let bad = |msg: String| Error::Safetensors { path: path.to_path_buf(), msg };
+        safetensors::SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("{e:?}")))?;
+        let (header, meta) =
+            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(format!("{e:?}")))?;
+        let base = 8 + header;
+        let idx = self.backings.len();
+        let mut copies = vec![];
+        for (name, info) in meta.tensors() {
+            let dtype = match info.dtype {
+                safetensors::Dtype::F32 => Ok(DType::F32),
+                safetensors::Dtype::F16 => Ok(DType::F16),
+                safetensors::Dtype::BF16 => Ok(DType::BF16),
+                other => Err(format!("{other:?}")),
+            };
+            let (s, e) = info.data_offsets;
+            let (start, len) = (base + s, e - s);
+            let align = dtype.as_ref().map_or(1, |d| d.size());
+            let entry = Entry {
+                dtype,
+                shape: info.shape.clone(),
+                backing: idx,
+                start,
+                len,
+                file: path.to_path_buf(),
+            };
+            if start % align != 0 {
+                copies.push((name.clone(), entry));
+            } else {
+                self.entries.insert(name.clone(), entry);
+            }
+        }
+        for (name, mut entry) in copies {
+            let owned = Backing::owned(&mmap[entry.start..entry.start + entry.len]);
+            entry.backing = self.backings.len() + 1;
+            entry.start = 0;
+            self.entries.insert(name, entry);
+            self.backings.push(owned);
+        }
+        self.backings.insert(idx, Backing::Mmap(mmap));
+        self.files.push(path.to_path_buf());
+        Ok(())
+    }
+
+    fn add_torch_bin(&mut self, path: &Path) -> Result<()> {
+        for t in read_torch_bin(path)? {
+            let dtype = match t.dtype {
+                TorchDType::F32 => DType::F32,
+                TorchDType::F16 => DType::F16,
+                TorchDType::BF16 => DType::BF16,
+            };
+            let len = t.data.len();
+            self.entries.insert(
+                t.name,
+                Entry {
+                    dtype: Ok(dtype),
+                    shape: t.shape,
+                    backing: self.backings.len(),
+                    start: 0,
+                    len,
+                    file: path.to_path_buf(),
+                },
+            );
+            self.backings.push(Backing::owned(&t.data));
+        }
+        self.files.push(path.to_path_buf());
+        Ok(())
+    }
+
+    /// Whether a tensor of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Tensor names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// The tensor `name`, or a clear error when it is missing or of an unsupported dtype.
+    pub fn get(&self, name: &str) -> Result<RawTensor<'_>> {
+        let (key, e) = self
+            .entries
+            .get_key_value(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.to_string(), dir: self.dir.clone() })?;
+        let dtype = e.dtype.clone().map_err(|dtype| Error::TensorDtype {
+            name: name.to_string(),
+            file: e.file.clone(),
+            dtype,
+        })?;
+        let bytes = &self.backings[e.backing].bytes()[e.start..e.start + e.len];
+        Ok(RawTensor { name: key, dtype, shape: &e.shape, bytes, file: &e.file })
+    }
+}
+
+#[allow(unsafe_code)]
+fn map_file(file: &File) -> std::io::Result<Mmap> {
+    // SAFETY: the map is read-only; a checkpoint changed by another process
+    // while we run is outside what any loader can defend against.
+    unsafe { Mmap::map(file) }
+}
+
+/// The shard file names of an index, in first-seen order.
+fn shard_files(index: &Path) -> Result<Vec<String>> {
+    let obj = read_json_object(index)?;
+    let map = obj.get("weight_map").and_then(|v| v.as_object()).ok_or_else(|| Error::ConfigValue {
+        path: index.to_path_buf(),
+        key: "weight_map".into(),
+        msg: "missing or not an object".into(),
+    })?;
+    let mut files: Vec<String> = vec![];
+    for (name, v) in map {
+        let f = v.as_str().ok_or_else(|| Error::ConfigValue {
+            path: index.to_path_buf(),
+            key: format!("weight_map.{name}"),
+            msg: "expected a file name".into(),
+        })?;
+        if f.contains('/') || f.contains('\\') || f.starts_with('.') {
+            return Err(Error::ConfigValue {
+                path: index.to_path_buf(),
+                key: format!("weight_map.{name}"),
+                msg: format!("shard `{f}` is not a plain file name"),
+            });
+        }
+        if !files.iter().any(|x| x == f) {
+            files.push(f.to_string());
+        }
+    }
+    Ok(files)
+}
+
+/// The only `*.safetensors` file of `dir`, if there is exactly one.
+fn lone_safetensors(dir: &Path) -> Result<Option<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let found: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    Ok(if found.len() == 1 { found.into_iter().next() } else { None })
+}

@@ -82,6 +82,12 @@ impl LoadedModel {
     pub fn load_dir(dir: &Path) -> Result<Self> {
         let file_config = FileConfig::read(dir)?;
         let store = TensorStore::open(dir)?;
+        Self::from_parts(dir, file_config, store)
+    }
+
+    /// A model from a configuration and tensors already at hand (`dir` names
+    /// where they came from, for messages).
+    pub fn from_parts(dir: &Path, file_config: FileConfig, store: TensorStore) -> Result<Self> {
         let embedding_name = *EMBEDDING_NAMES.iter().find(|n| store.contains(n)).ok_or_else(|| {
             Error::MissingTensor { name: EMBEDDING_NAMES[0].into(), dir: dir.to_path_buf() }
         })?;

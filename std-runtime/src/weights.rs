@@ -97,6 +97,35 @@ impl TensorStore {
         Ok(store)
     }
 
+    /// A store over tensors held in memory: `(name, dtype, shape, little-endian bytes)`.
+    /// `origin` names where they came from, for messages.
+    pub fn from_tensors(origin: &Path, tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)>) -> Result<Self> {
+        let mut store =
+            TensorStore { dir: origin.to_path_buf(), backings: vec![], entries: HashMap::new(), files: vec![] };
+        for (name, dtype, shape, bytes) in tensors {
+            let want = shape.iter().product::<usize>() * dtype.size();
+            if bytes.len() != want {
+                return Err(Error::TensorShape {
+                    name,
+                    file: origin.to_path_buf(),
+                    expected: shape,
+                    got: vec![bytes.len() / dtype.size()],
+                });
+            }
+            let entry = Entry {
+                dtype: Ok(dtype),
+                shape,
+                backing: store.backings.len(),
+                start: 0,
+                len: bytes.len(),
+                file: origin.to_path_buf(),
+            };
+            store.entries.insert(name, entry);
+            store.backings.push(Backing::owned(&bytes));
+        }
+        Ok(store)
+    }
+
     fn add_safetensors(&mut self, path: &Path) -> Result<()> {
         let file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {

@@ -9,11 +9,13 @@
 
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod hub;
 pub mod model;
 pub mod parallel;
 pub mod sampling;
 pub mod session;
+
 pub mod tokenizer;
 pub mod torch_bin;
 pub mod weights;

@@ -109,6 +109,11 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// `a * b`, a size computed from the config; an overflow is `key`'s fault.
+    fn product(&self, key: &str, a: usize, b: usize) -> Result<usize> {
+        a.checked_mul(b).ok_or_else(|| self.err(key, format!("too large: {a} x {b} overflows")))
+    }
+
     /// `"auto"` or a positive integer.
     fn dt_rank(&self, key: &str, d_model: usize) -> Result<usize> {
         match self.obj.get(key) {
@@ -119,6 +124,16 @@ impl<'a> Reader<'a> {
                 .filter(|&n| n > 0)
                 .map(|n| n as usize)
                 .ok_or_else(|| self.err(key, format!("expected \"auto\" or a positive integer, got {v}"))),
+        }
+    }
+
+    /// Like [`token_ids`](Self::token_ids), with transformers' default when the key is absent
+    /// (an explicit `null` means none).
+    fn token_ids_or(&self, key: &str, default: u32) -> Result<Vec<u32>> {
+        if self.obj.contains_key(key) {
+            self.token_ids(key)
+        } else {
+            Ok(vec![default])
         }
     }
 
@@ -213,7 +228,7 @@ impl FileConfig {
         }
         let d_model = r.usize_or("hidden_size", Some(768))?;
         let expand = r.usize_or("expand", Some(2))?;
-        let d_inner = r.usize_or("intermediate_size", Some(expand * d_model))?;
+        let d_inner = r.usize_or("intermediate_size", Some(r.product("expand", expand, d_model)?))?;
         let vocab_size = r.usize_or("vocab_size", Some(50280))?;
         Ok(FileConfig {
             layout: Layout::HuggingFace,
@@ -230,9 +245,9 @@ impl FileConfig {
             use_conv_bias: r.bool_or("use_conv_bias", true)?,
             residual_in_fp32: r.bool_or("residual_in_fp32", true)?,
             tie_embeddings: r.bool_or("tie_word_embeddings", true)?,
-            bos_token_id: r.token_ids("bos_token_id")?.first().copied(),
-            eos_token_ids: r.token_ids("eos_token_id")?,
-            pad_token_id: r.token_ids("pad_token_id")?.first().copied(),
+            bos_token_id: r.token_ids_or("bos_token_id", 0)?.first().copied(),
+            eos_token_ids: r.token_ids_or("eos_token_id", 0)?,
+            pad_token_id: r.token_ids_or("pad_token_id", 0)?.first().copied(),
         })
     }
 
@@ -262,16 +277,17 @@ impl FileConfig {
         let expand = s.usize_or("expand", Some(2))?;
         let vocab_size = r.usize_or("vocab_size", None)?;
         let multiple = r.usize_or("pad_vocab_size_multiple", Some(8))?.max(1);
+        let padded_vocab_size = r.product("vocab_size", vocab_size.div_ceil(multiple), multiple)?;
         Ok(FileConfig {
             layout: Layout::Original,
             d_model,
-            d_inner: expand * d_model,
+            d_inner: r.product("ssm_cfg.expand", expand, d_model)?,
             d_state: s.usize_or("d_state", Some(16))?,
             d_conv: s.usize_or("d_conv", Some(4))?,
             dt_rank: s.dt_rank("dt_rank", d_model)?,
             n_layer: r.usize_or("n_layer", None)?,
             vocab_size,
-            padded_vocab_size: vocab_size.div_ceil(multiple) * multiple,
+            padded_vocab_size,
             eps: r.f32_or("norm_epsilon", 1e-5)?,
             use_bias: s.bool_or("bias", false)?,
             use_conv_bias: s.bool_or("conv_bias", true)?,
@@ -299,6 +315,18 @@ mod tests {
         assert_eq!((c.dt_rank, c.d_inner, c.d_state, c.d_conv), (48, 1536, 16, 4));
         let c = parse(r#"{"hidden_size": 20, "num_hidden_layers": 1}"#).unwrap();
         assert_eq!(c.dt_rank, 2);
+    }
+
+    #[test]
+    fn token_ids_default_as_transformers_and_accept_lists() {
+        let c = parse(r#"{"hidden_size": 16}"#).unwrap();
+        assert_eq!((c.bos_token_id, c.eos_token_ids.clone(), c.pad_token_id), (Some(0), vec![0], Some(0)));
+        let c = parse(r#"{"hidden_size": 16, "eos_token_id": null}"#).unwrap();
+        assert!(c.eos_token_ids.is_empty());
+        let c = parse(r#"{"hidden_size": 16, "eos_token_id": [2, 3]}"#).unwrap();
+        assert_eq!(c.eos_token_ids, vec![2, 3]);
+        let e = parse(r#"{"hidden_size": 16, "eos_token_id": -1}"#).unwrap_err().to_string();
+        assert!(e.contains("eos_token_id"), "{e}");
     }
 
     #[test]

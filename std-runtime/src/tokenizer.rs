@@ -18,9 +18,14 @@ impl Tokenizer {
         if !path.is_file() {
             return Ok(None);
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer { path: path.clone(), msg: e.to_string() })?;
-        Ok(Some(Tokenizer { inner, path }))
+        Self::from_file(&path).map(Some)
+    }
+
+    /// Load a `tokenizer.json` file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), msg: e.to_string() })?;
+        Ok(Tokenizer { inner, path: path.to_path_buf() })
     }
 
     /// Token ids of `text` (no special tokens added).
@@ -80,5 +85,52 @@ impl<'t> StreamDecoder<'t> {
         } else {
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn byte_level() -> Tokenizer {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/byte_level_tokenizer.json");
+        Tokenizer::from_file(&p).unwrap()
+    }
+
+    #[test]
+    fn streaming_never_splits_a_multi_byte_character() {
+        let tok = byte_level();
+        let text = "héllo ☃ 日本語 and 🦀 crabs";
+        let ids = tok.encode(text).unwrap();
+        assert!(ids.len() > text.chars().count() / 2, "byte-level pieces: {ids:?}");
+        let mut stream = StreamDecoder::new(&tok, &[]);
+        let mut pieces = vec![];
+        for &id in &ids {
+            if let Some(p) = stream.push(id).unwrap() {
+                assert!(!p.contains('\u{FFFD}'), "piece {p:?} holds a broken character");
+                pieces.push(p);
+            }
+        }
+        assert!(pieces.len() > 3);
+        assert_eq!(pieces.concat(), text);
+    }
+
+    #[test]
+    fn streaming_after_a_prompt_adds_exactly_the_continuation() {
+        let tok = byte_level();
+        let (prompt, rest) = ("the quick ☃ brown", " fox 日本 jumps");
+        let p_ids = tok.encode(prompt).unwrap();
+        let g_ids = tok.encode(rest).unwrap();
+        let mut stream = StreamDecoder::new(&tok, &p_ids);
+        let out: String = g_ids.iter().filter_map(|&id| stream.push(id).unwrap()).collect();
+        assert_eq!(out, rest);
+    }
+
+    #[test]
+    fn a_bad_tokenizer_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), "{not json").unwrap();
+        let e = Tokenizer::from_dir(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("tokenizer.json"), "{e}");
     }
 }

@@ -45,6 +45,17 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
+/// EOS ids from the configuration, else the tokenizer's end-of-text token
+/// (original-layout checkpoints name none in their config).
+fn eos_ids(model: &mamba_runtime::model::LoadedModel, tok: Option<&Tokenizer>) -> Vec<u32> {
+    let from_config = &model.file_config.eos_token_ids;
+    if !from_config.is_empty() {
+        return from_config.clone();
+    }
+    let names = ["<|endoftext|>", "</s>", "<eos>"];
+    tok.and_then(|t| names.iter().find_map(|n| t.token_id(n))).into_iter().collect()
+}
+
 pub fn run(a: GenerateArgs) -> Result<()> {
     let model = a.model.load()?;
     let par = a.model.parallel()?;
@@ -71,14 +82,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let params = GenerateParams {
         max_tokens: a.max_tokens,
         sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed },
-        stop_ids: if a.ignore_eos { vec![] } else { model.file_config.eos_token_ids.clone() },
+        stop_ids: if a.ignore_eos { vec![] } else { eos_ids(&model, tok.as_ref()) },
     };
     let mut session = Session::new(&model, &par, 1)?;
     let mut out = std::io::stdout().lock();
     let mut stream = tok.as_ref().map(|t| StreamDecoder::new(t, &prompt));
     if !a.json {
-        if let (Some(t), Some(text)) = (&tok, &a.prompt) {
-            let _ = t; // the prompt is echoed as given
+        if let Some(text) = &a.prompt {
             write!(out, "{text}")?;
             out.flush()?;
         }

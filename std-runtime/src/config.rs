@@ -203,7 +203,9 @@ impl FileConfig {
     /// Parse a config object; the layout is told by its keys.
     pub fn from_json(path: &Path, obj: &Map<String, Value>) -> Result<Self> {
         let r = Reader { path, obj };
-        if obj.contains_key("d_model") && !obj.contains_key("hidden_size") {
+        // transformers always writes `hidden_size`; the original layout never does.
+        let original = ["d_model", "n_layer", "ssm_cfg"].iter().any(|k| obj.contains_key(*k));
+        if original && !obj.contains_key("hidden_size") {
             Self::original(&r)
         } else {
             Self::hugging_face(&r)

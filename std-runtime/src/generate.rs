@@ -23,6 +23,10 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` were produced.
     Length,
+    /// The caller cancelled the request.
+    Cancelled,
+    /// The request failed; the error says why.
+    Error,
 }
 
 impl FinishReason {
@@ -30,6 +34,8 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Error => "error",
         }
     }
 }

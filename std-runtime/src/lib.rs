@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod hub;

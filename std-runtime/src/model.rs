@@ -88,10 +88,11 @@ impl LoadedModel {
     /// A model from a configuration and tensors already at hand (`dir` names
     /// where they came from, for messages).
     pub fn from_parts(dir: &Path, file_config: FileConfig, store: TensorStore) -> Result<Self> {
-        let embedding_name = *EMBEDDING_NAMES.iter().find(|n| store.contains(n)).ok_or_else(|| {
-            Error::MissingTensor { name: EMBEDDING_NAMES[0].into(), dir: dir.to_path_buf() }
-        })?;
         let fc = &file_config;
+        let embedding_name = *EMBEDDING_NAMES.iter().find(|n| store.contains(n)).ok_or_else(|| {
+            let name = EMBEDDING_NAMES[usize::from(fc.layout == Layout::Original)];
+            Error::MissingTensor { name: name.into(), dir: dir.to_path_buf() }
+        })?;
         let emb = store.get(embedding_name)?;
         if emb.shape.len() != 2 || emb.shape[1] != fc.d_model {
             return Err(shape_err(&emb, &[fc.padded_vocab_size, fc.d_model]));
@@ -102,6 +103,7 @@ impl LoadedModel {
             return Err(shape_err(&emb, &[fc.padded_vocab_size, fc.d_model]));
         }
         let dtype = emb.dtype;
+        // A checkpoint without `lm_head.weight` has tied embeddings, whatever its config says.
         let lm_head = !fc.tie_embeddings && store.contains("lm_head.weight");
         let cfg = MambaConfig {
             d_model: fc.d_model,
@@ -117,9 +119,15 @@ impl LoadedModel {
             residual_in_fp32: fc.residual_in_fp32,
             tie_embeddings: !lm_head,
         };
-        cfg.validate()
-            .map_err(|e| Error::Unsupported { path: dir.join("config.json"), msg: e.to_string() })?;
-        let mut a = Vec::with_capacity(cfg.n_layer);
+        cfg.validate().map_err(|e| {
+            let msg = match e {
+                mamba_core::CoreError::BadConfig(why) => why.to_string(),
+                e => e.to_string(),
+            };
+            Error::Unsupported { path: dir.join("config.json"), msg }
+        })?;
+        // No capacity from n_layer: a huge one in config.json fails on a missing layer, not an allocation.
+        let mut a = Vec::new();
         for i in 0..cfg.n_layer {
             let name = format!("backbone.layers.{i}.mixer.A_log");
             let t = view(store.get(&name)?, &[cfg.d_inner, cfg.d_state], cfg.d_inner, cfg.d_state)?;
@@ -151,6 +159,8 @@ impl LoadedModel {
     pub fn view(&self) -> Result<ModelView<'_>> {
         let c = &self.cfg;
         let (dm, di, n, k, r) = (c.d_model, c.d_inner, c.d_state, c.d_conv, c.dt_rank);
+        // Saturating: an absurd dt_rank is a shape mismatch, not an overflow.
+        let xp = r.saturating_add(2 * n);
         let s = &self.store;
         let t = |name: &str, shape: &[usize], rows: usize, cols: usize| view(s.get(name)?, shape, rows, cols);
         let opt = |name: &str,
@@ -175,7 +185,7 @@ impl LoadedModel {
                 in_proj_bias: opt(&format!("{m}.in_proj.bias"), &[2 * di], 1, 2 * di, c.use_bias)?,
                 conv_w: t(&format!("{m}.conv1d.weight"), &[di, 1, k], di, k)?,
                 conv_b: opt(&format!("{m}.conv1d.bias"), &[di], 1, di, c.use_conv_bias)?,
-                x_proj: t(&format!("{m}.x_proj.weight"), &[r + 2 * n, di], r + 2 * n, di)?,
+                x_proj: t(&format!("{m}.x_proj.weight"), &[xp, di], xp, di)?,
                 dt_proj: t(&format!("{m}.dt_proj.weight"), &[di, r], di, r)?,
                 dt_bias: t(&format!("{m}.dt_proj.bias"), &[di], 1, di)?,
                 a: Tensor::new(mamba_core::WData::F32(&self.a[i]), di, n, "A")?,

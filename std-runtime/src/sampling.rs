@@ -1,5 +1,7 @@
-//! Picking the next token from a logits row: greedy, or temperature with
-//! top-k and top-p, from a seeded generator (same seed, same output).
+//! Picking the next token from a logits row: penalties (repetition,
+//! presence, frequency), then greedy, or temperature with top-k, top-p and
+//! min-p, from a per-sequence seeded generator (same seed, same output,
+//! whatever else runs in the batch).
 
 /// Sampling settings of one sequence.
 #[derive(Clone, Debug, PartialEq)]
@@ -10,12 +12,29 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// 1.0 = no limit.
     pub top_p: f32,
+    /// Drop tokens below `min_p` times the top probability (0 = off).
+    pub min_p: f32,
+    /// Divide positive / multiply negative logits of seen tokens (1 = off), as HF.
+    pub repetition_penalty: f32,
+    /// Subtract from logits of tokens generated at least once (OpenAI).
+    pub presence_penalty: f32,
+    /// Subtract, per occurrence, from logits of generated tokens (OpenAI).
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+        }
     }
 }
 
@@ -27,6 +46,17 @@ impl SamplingParams {
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top-p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min-p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(format!("repetition penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        for (name, v) in [("presence", self.presence_penalty), ("frequency", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} penalty must be in [-2, 2], got {v}"));
+            }
         }
         Ok(())
     }
@@ -77,6 +107,59 @@ impl Sampler {
         Sampler { params, rng }
     }
 
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Whether any penalty is on (then [`sample_with_history`](Self::sample_with_history) matters).
+    pub fn has_penalties(&self) -> bool {
+        let p = &self.params;
+        p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0
+    }
+
+    /// Apply the penalties to `row` given the prompt and the tokens generated so far.
+    pub fn apply_penalties(&self, row: &mut [f32], prompt: &[u32], generated: &[u32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let mut seen = vec![false; row.len()];
+            for &t in prompt.iter().chain(generated) {
+                if let Some(s) = seen.get_mut(t as usize) {
+                    *s = true;
+                }
+            }
+            for (v, _) in row.iter_mut().zip(&seen).filter(|(_, &s)| s) {
+                *v = if *v > 0.0 { *v / p.repetition_penalty } else { *v * p.repetition_penalty };
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            let mut counts = std::collections::HashMap::<u32, u32>::new();
+            for &t in generated {
+                *counts.entry(t).or_default() += 1;
+            }
+            for (t, c) in counts {
+                if let Some(v) = row.get_mut(t as usize) {
+                    *v -= p.presence_penalty + p.frequency_penalty * c as f32;
+                }
+            }
+        }
+    }
+
+    /// Penalties, then [`sample`](Self::sample).
+    pub fn sample_with_history(
+        &mut self,
+        logits: &[f32],
+        vocab: usize,
+        prompt: &[u32],
+        generated: &[u32],
+    ) -> u32 {
+        if !self.has_penalties() {
+            return self.sample(logits, vocab);
+        }
+        let mut row = logits[..vocab.min(logits.len())].to_vec();
+        self.apply_penalties(&mut row, prompt, generated);
+        self.sample(&row, vocab)
+    }
+
     /// Pick a token among the first `vocab` entries of `logits` (padded rows never win).
     pub fn sample(&mut self, logits: &[f32], vocab: usize) -> u32 {
         let row = &logits[..vocab.min(logits.len())];
@@ -101,6 +184,14 @@ impl Sampler {
         let mut probs: Vec<f64> = cand.iter().map(|&(_, v)| ((v - max) as f64).exp()).collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
+        if p.min_p > 0.0 {
+            // Sorted descending: keep the prefix at or above min_p * top.
+            let floor = probs[0] * p.min_p as f64;
+            let keep = probs.iter().take_while(|&&q| q >= floor).count().max(1);
+            probs.truncate(keep);
+            let t: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|q| *q /= t);
+        }
         if p.top_p < 1.0 {
             let mut acc = 0.0;
             let keep = probs
@@ -139,7 +230,8 @@ mod tests {
     #[test]
     fn same_seed_same_tokens() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 7919) % 13) as f32 * 0.3).collect();
-        let params = SamplingParams { temperature: 0.9, top_k: 20, top_p: 0.95, seed: 42 };
+        let params =
+            SamplingParams { temperature: 0.9, top_k: 20, top_p: 0.95, seed: 42, ..Default::default() };
         let run = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
             (0..32).map(|_| s.sample(&logits, 50)).collect::<Vec<_>>()
@@ -152,11 +244,48 @@ mod tests {
     #[test]
     fn top_k_one_and_tiny_top_p_are_greedy() {
         let logits = [0.0f32, 3.0, 1.0, 2.9];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 1 });
+        let mut s =
+            Sampler::new(SamplingParams { temperature: 1.0, top_k: 1, seed: 1, ..Default::default() });
         assert_eq!(s.sample(&logits, 4), 1);
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1e-6, seed: 1 });
+        let mut s =
+            Sampler::new(SamplingParams { temperature: 1.0, top_p: 1e-6, seed: 1, ..Default::default() });
         for _ in 0..10 {
             assert_eq!(s.sample(&logits, 4), 1);
         }
+    }
+
+    #[test]
+    fn min_p_keeps_only_tokens_near_the_top() {
+        // Probabilities after softmax at T=1: token 1 dominates, token 3 is close.
+        let logits = [0.0f32, 5.0, -3.0, 4.9];
+        let mut s =
+            Sampler::new(SamplingParams { temperature: 1.0, min_p: 0.5, seed: 3, ..Default::default() });
+        for _ in 0..50 {
+            let t = s.sample(&logits, 4);
+            assert!(t == 1 || t == 3, "{t}");
+        }
+    }
+
+    #[test]
+    fn penalties_follow_hf_and_openai_definitions() {
+        let s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..Default::default()
+        });
+        let mut row = vec![1.0f32, -1.0, 2.0, 3.0];
+        s.apply_penalties(&mut row, &[0], &[1, 2, 2]);
+        // token 0: in prompt only -> repetition: 1/2; not generated -> no presence.
+        // token 1: generated once -> -1*2 - 0.5 - 0.25; token 2: twice -> 2/2 - 0.5 - 0.5.
+        assert_eq!(row, vec![0.5, -2.75, 0.0, 3.0]);
+    }
+
+    #[test]
+    fn bad_parameters_name_themselves() {
+        let bad = SamplingParams { min_p: 1.5, ..Default::default() };
+        assert!(bad.validate().unwrap_err().contains("min-p"));
+        let bad = SamplingParams { presence_penalty: 3.0, ..Default::default() };
+        assert!(bad.validate().unwrap_err().contains("presence"));
     }
 }

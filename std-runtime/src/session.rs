@@ -39,11 +39,14 @@ impl<'m> Session<'m> {
     /// A session with `n_slots` zeroed state slots.
     pub fn new(model: &'m LoadedModel, par: &'m dyn Parallel, n_slots: usize) -> Result<Self> {
         let layout = model.cfg.state_layout();
+        let len = n_slots.checked_mul(layout.slot_len()).ok_or_else(|| {
+            Error::Input(format!("{n_slots} state slots of {} bytes each are too many", layout.slot_bytes()))
+        })?;
         Ok(Session {
             model,
             view: model.view()?,
             par,
-            states: vec![0.0; n_slots * layout.slot_len()],
+            states: vec![0.0; len],
             layout,
             scratch: vec![],
             chunk_tokens: DEFAULT_CHUNK_TOKENS,
@@ -111,11 +114,14 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
-    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+    /// Every id is a row of the embedding; `whose(i)` says where `tokens[i]` came from.
+    fn check_tokens(&self, tokens: &[u32], whose: impl Fn(usize) -> String) -> Result<()> {
         let vocab = self.model.cfg.vocab_size;
-        match tokens.iter().find(|&&t| t as usize >= vocab) {
-            Some(&t) => Err(Error::Input(format!(
-                "token id {t} is out of range: the model's vocabulary has {vocab} entries (0..{})",
+        match tokens.iter().position(|&t| t as usize >= vocab) {
+            Some(i) => Err(Error::Input(format!(
+                "{}: token id {} is out of range: the model's vocabulary has {vocab} entries (0..{})",
+                whose(i),
+                tokens[i],
                 vocab - 1
             ))),
             None => Ok(()),
@@ -123,11 +129,24 @@ impl<'m> Session<'m> {
     }
 
     fn check_slots(&self, slots: &[usize]) -> Result<()> {
-        for &s in slots {
+        for (i, &s) in slots.iter().enumerate() {
             self.slot_range(s)?;
+            if let Some(j) = slots[..i].iter().position(|&o| o == s) {
+                return Err(Error::Input(format!(
+                    "state slot {s} appears twice in one batch (sequences {j} and {i})"
+                )));
+            }
         }
-        mamba_core::ops::check_distinct(slots)?;
         Ok(())
+    }
+
+    fn count_mismatch(n: usize, what: &str, slots: usize) -> Error {
+        let plural = |n: usize, w: &str| if n == 1 { format!("{n} {w}") } else { format!("{n} {w}s") };
+        Error::Input(format!(
+            "{} but {}: one slot is needed per {what}",
+            plural(n, what),
+            plural(slots, "slot")
+        ))
     }
 
     /// Prefill `seqs[i]` into `slots[i]`, continuing whatever state the slot
@@ -135,14 +154,14 @@ impl<'m> Session<'m> {
     /// Returns per sequence its logits rows, flat `[rows, vocab_size]`.
     pub fn prefill(&mut self, seqs: &[&[u32]], slots: &[usize], mode: LogitsMode) -> Result<Vec<Vec<f32>>> {
         if seqs.len() != slots.len() {
-            return Err(Error::Input("one slot is needed per sequence".into()));
+            return Err(Self::count_mismatch(seqs.len(), "sequence", slots.len()));
         }
         self.check_slots(slots)?;
         for (i, s) in seqs.iter().enumerate() {
             if s.is_empty() {
                 return Err(Error::Input(format!("sequence {i} is empty")));
             }
-            self.check_tokens(s)?;
+            self.check_tokens(s, |p| format!("sequence {i}, position {p}"))?;
         }
         let vocab = self.model.cfg.vocab_size;
         let mut out: Vec<Vec<f32>> = seqs
@@ -209,10 +228,10 @@ impl<'m> Session<'m> {
     /// Returns `[B, vocab_size]` logits.
     pub fn step(&mut self, tokens: &[u32], slots: &[usize]) -> Result<&[f32]> {
         if tokens.len() != slots.len() {
-            return Err(Error::Input("a step needs one token per slot".into()));
+            return Err(Self::count_mismatch(tokens.len(), "token", slots.len()));
         }
         self.check_slots(slots)?;
-        self.check_tokens(tokens)?;
+        self.check_tokens(tokens, |i| format!("step of sequence {i} (state slot {})", slots[i]))?;
         let cfg = self.model.cfg;
         let plan = ScratchPlan::new(&cfg, tokens.len(), tokens.len());
         if self.scratch.len() < plan.total() {
@@ -222,5 +241,31 @@ impl<'m> Session<'m> {
         let ops = CpuBackend::new(self.par);
         driver::step(&ops, &self.view.model(), tokens, slots, &mut self.states, &mut s)?;
         Ok(&s.logits[..tokens.len() * cfg.vocab_size])
+    }
+}
+
+/// Lower-level entry points for a scheduler that plans its own batches.
+impl Session<'_> {
+    /// Run one ragged batch exactly as given (no chunking): sequence `i` is
+    /// `tokens[offsets[i]..offsets[i+1]]` continuing `slots[i]`; returns the
+    /// logits of `logit_rows`, flat `[logit_rows.len(), vocab_size]`.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        offsets: &[usize],
+        slots: &[usize],
+        logit_rows: &[usize],
+    ) -> Result<&[f32]> {
+        self.check_slots(slots)?;
+        self.check_tokens(tokens, |i| format!("batch row {i}"))?;
+        Ragged { offsets, slots }.validate(tokens.len())?;
+        self.run_prefill(tokens, Ragged { offsets, slots }, logit_rows)
+    }
+
+    /// Copy slot `src`'s state into slot `dst` (fork a sequence).
+    pub fn copy_slot(&mut self, src: usize, dst: usize) -> Result<()> {
+        let (s, d) = (self.slot_range(src)?, self.slot_range(dst)?);
+        self.states.copy_within(s, d.start);
+        Ok(())
     }
 }

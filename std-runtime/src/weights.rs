@@ -100,8 +100,12 @@ impl TensorStore {
     /// A store over tensors held in memory: `(name, dtype, shape, little-endian bytes)`.
     /// `origin` names where they came from, for messages.
     pub fn from_tensors(origin: &Path, tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)>) -> Result<Self> {
-        let mut store =
-            TensorStore { dir: origin.to_path_buf(), backings: vec![], entries: HashMap::new(), files: vec![] };
+        let mut store = TensorStore {
+            dir: origin.to_path_buf(),
+            backings: vec![],
+            entries: HashMap::new(),
+            files: vec![],
+        };
         for (name, dtype, shape, bytes) in tensors {
             let want = shape.iter().product::<usize>() * dtype.size();
             if bytes.len() != want {
@@ -126,6 +130,41 @@ impl TensorStore {
         Ok(store)
     }
 
+    /// Like [`from_tensors`](Self::from_tensors), but each tensor's bytes come
+    /// already in 8-byte aligned words (`ceil(bytes / 8)` of them, little-endian
+    /// bytes in memory order, the tail of the last word unused) and are kept
+    /// as they are, without a copy.
+    pub fn from_words(origin: &Path, tensors: Vec<(String, DType, Vec<usize>, Vec<u64>)>) -> Result<Self> {
+        let mut store = TensorStore {
+            dir: origin.to_path_buf(),
+            backings: vec![],
+            entries: HashMap::new(),
+            files: vec![],
+        };
+        for (name, dtype, shape, words) in tensors {
+            let len = shape.iter().product::<usize>() * dtype.size();
+            if words.len() != len.div_ceil(8) {
+                return Err(Error::TensorShape {
+                    name,
+                    file: origin.to_path_buf(),
+                    expected: shape,
+                    got: vec![words.len() * 8 / dtype.size()],
+                });
+            }
+            let entry = Entry {
+                dtype: Ok(dtype),
+                shape,
+                backing: store.backings.len(),
+                start: 0,
+                len,
+                file: origin.to_path_buf(),
+            };
+            store.entries.insert(name, entry);
+            store.backings.push(Backing::Owned(words, len));
+        }
+        Ok(store)
+    }
+
     fn add_safetensors(&mut self, path: &Path) -> Result<()> {
         let file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
@@ -137,9 +176,10 @@ impl TensorStore {
         // change the file under us; checkpoints are read-only inputs.
         let mmap = map_file(&file).map_err(|e| Error::io(path, e))?;
         let bad = |msg: String| Error::Safetensors { path: path.to_path_buf(), msg };
-        safetensors::SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("{e:?}")))?;
-        let (header, meta) =
-            safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| bad(format!("{e:?}")))?;
+        safetensors::SafeTensors::deserialize(&mmap)
+            .map_err(|e| bad(describe_safetensors_error(e, &mmap)))?;
+        let (header, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+            .map_err(|e| bad(describe_safetensors_error(e, &mmap)))?;
         let base = 8 + header;
         let idx = self.backings.len();
         let mut copies = vec![];
@@ -235,6 +275,55 @@ fn map_file(file: &File) -> std::io::Result<Mmap> {
     // SAFETY: the map is read-only; a checkpoint changed by another process
     // while we run is outside what any loader can defend against.
     unsafe { Mmap::map(file) }
+}
+
+/// What is wrong with a safetensors file, in words, with the sizes that tell
+/// a truncated file from a foreign one.
+fn describe_safetensors_error(e: safetensors::SafeTensorError, bytes: &[u8]) -> String {
+    use safetensors::SafeTensorError as E;
+    let size = bytes.len();
+    let n = bytes.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    let header = usize::try_from(n).ok().and_then(|n| bytes.get(8..8usize.checked_add(n)?));
+    match e {
+        E::HeaderTooSmall => format!("the file has {size} bytes, fewer than the 8 of the header length"),
+        E::HeaderTooLarge => format!(
+            "the header length in the first 8 bytes ({n}) is implausibly large: \
+             corrupt, or not a safetensors file"
+        ),
+        E::InvalidHeaderLength => format!(
+            "the header length in the first 8 bytes ({n}) runs past the end of the file ({size} bytes): \
+             truncated, or not a safetensors file"
+        ),
+        E::InvalidHeader | E::InvalidHeaderStart => "the header is not UTF-8 JSON text".into(),
+        E::InvalidHeaderDeserialization => match header.map(serde_json::from_slice::<serde_json::Value>) {
+            Some(Err(json)) => format!("the header is not valid JSON: {json}"),
+            _ => "the header is not valid tensor metadata (an unknown dtype or a malformed entry)".into(),
+        },
+        E::MetadataIncompleteBuffer => {
+            // Where the header says the tensor data ends.
+            let end =
+                header.and_then(|h| serde_json::from_slice::<serde_json::Value>(h).ok()).and_then(|v| {
+                    v.as_object()?
+                        .values()
+                        .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+                        .max()
+                        .map(|e| e.saturating_add(8 + n))
+                });
+            match end {
+                Some(want) if (size as u64) < want => {
+                    format!("truncated: the header describes {want} bytes, the file has {size}")
+                }
+                Some(want) => {
+                    format!("the header describes {want} bytes, the file has {size} (trailing bytes)")
+                }
+                None => format!("the tensor data does not fill the file of {size} bytes"),
+            }
+        }
+        E::InvalidOffset(name) => format!("tensor `{name}` has data offsets that overlap or leave a gap"),
+        E::TensorInvalidInfo => "a tensor's data offsets do not match its shape and dtype".into(),
+        E::ValidationOverflow => "a tensor's shape is too large (its size overflows)".into(),
+        other => format!("{other:?}"),
+    }
 }
 
 /// The shard file names of an index, in first-seen order.

@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Generate text (or token ids) from a prompt, streaming as it goes.
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     /// Print logits of one or more sequences as JSON lines (one ragged batch).
     Logits(logits::LogitsArgs),
     /// Show a model's resolved configuration, size and state memory.
@@ -39,6 +39,59 @@ pub struct ModelArgs {
     /// Worker threads (0 = one per physical core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+}
+
+/// How many state slots to keep (one per running sequence).
+#[derive(Args, Debug, Clone)]
+pub struct StateArgs {
+    /// State memory budget, e.g. `512MiB`, `2GiB` (slots = budget / state bytes per sequence).
+    #[arg(long)]
+    pub state_memory: Option<String>,
+    /// State slots, i.e. sequences running at once (default: what the run needs, at most 256).
+    #[arg(long, conflicts_with = "state_memory")]
+    pub slots: Option<usize>,
+}
+
+impl StateArgs {
+    /// Slots for a run of `wanted` sequences.
+    pub fn slots(&self, model: &LoadedModel, wanted: usize) -> Result<usize> {
+        let per = model.cfg.footprint().state_bytes_per_seq();
+        let n = match (&self.state_memory, self.slots) {
+            (Some(m), _) => {
+                let bytes = parse_size(m)?;
+                let n = bytes / per.max(1);
+                if n == 0 {
+                    bail!("--state-memory {m} holds no sequence: one needs {per} bytes");
+                }
+                n
+            }
+            (None, Some(0)) => bail!("--slots must be at least 1"),
+            (None, Some(n)) => n,
+            (None, None) => wanted.clamp(1, 256),
+        };
+        Ok(n)
+    }
+}
+
+/// Parse `2GiB`, `512MiB`, `64MB`, `1000000` into bytes.
+pub fn parse_size(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num.parse().with_context(|| format!("`{s}` is not a size like 2GiB or 512MB"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "t" | "tb" => 1e12,
+        "tib" => 1024f64.powi(4),
+        u => bail!("`{s}`: unknown size unit `{u}` (use B, KB, KiB, MB, MiB, GB, GiB)"),
+    };
+    Ok((v * mult) as usize)
 }
 
 /// The demo model's folder in this repository.
@@ -85,7 +138,7 @@ pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Generate(a) => generate::run(a),
+        Command::Generate(a) => generate::run(*a),
         Command::Logits(a) => logits::run(a),
         Command::Inspect(a) => inspect::run(a),
     }

@@ -1,0 +1,521 @@
+//! The serving engine: per-request state slots, continuous batching of
+//! prefill chunks with decode steps, sampling, log-probabilities and stops.
+//!
+//! Every [`Engine::step`] is one forward pass over a ragged batch: each
+//! running sequence contributes its one pending token (a decode step is a
+//! ragged sequence of length 1 continuing its slot), and waiting prompts
+//! contribute prefill pieces up to `prefill_chunk` tokens in all, so a long
+//! prompt never stalls the running streams. A request is admitted when it
+//! can claim a state slot for each of its `n` samples; the samples share
+//! one prefill and are forked (slot copied) when the prompt is done.
+
+pub mod logprobs;
+pub mod slots;
+pub mod stop;
+
+use std::collections::VecDeque;
+
+use mamba_core::Parallel;
+
+use crate::error::{Error, Result};
+use crate::generate::FinishReason;
+use crate::model::LoadedModel;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::session::Session;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+pub use logprobs::{token_logprob, TokenLogprob, MAX_TOP_LOGPROBS};
+pub use slots::{CacheFull, SeqKey, SlotTable};
+pub use stop::StopText;
+
+/// Engine limits.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// State slots (sequences that can run at once).
+    pub slots: usize,
+    /// Prompt tokens prefilled per step, all requests together.
+    pub prefill_chunk: usize,
+    /// Longest prompt accepted.
+    pub max_prompt_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { slots: 16, prefill_chunk: 512, max_prompt_tokens: 1 << 20 }
+    }
+}
+
+impl EngineConfig {
+    /// Slots that fit a state memory budget of `bytes` for `model`.
+    pub fn slots_for_budget(model: &LoadedModel, bytes: usize) -> usize {
+        bytes / model.cfg.footprint().state_bytes_per_seq().max(1)
+    }
+}
+
+/// What a request asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Token ids that end a sequence (EOS is added by the caller unless ignored).
+    pub stop_ids: Vec<u32>,
+    /// Strings that end a sequence; the text is cut right before them.
+    pub stop: Vec<String>,
+    /// Top-n alternatives to report with each generated token (`None`: no log-probs).
+    pub logprobs: Option<usize>,
+    /// Report the prompt tokens' log-probs too.
+    pub echo: bool,
+    /// Samples of this prompt (forked after one prefill).
+    pub n: usize,
+}
+
+impl Default for RequestParams {
+    fn default() -> Self {
+        RequestParams {
+            max_tokens: 16,
+            sampling: SamplingParams::default(),
+            stop_ids: vec![],
+            stop: vec![],
+            logprobs: None,
+            echo: false,
+            n: 1,
+        }
+    }
+}
+
+/// Token counts of a finished sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// What the engine reports, in order, as it runs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The prompt's log-probs (with `echo`); the first token has none.
+    PromptLogprobs { request: u64, logprobs: Vec<Option<TokenLogprob>> },
+    /// A generated token of sample `index`, with the text it completes (may be empty).
+    Token { request: u64, index: u32, token: u32, text: String, logprob: Option<TokenLogprob> },
+    /// Sample `index` is done; `text` is any held-back text released at the end.
+    Finished {
+        request: u64,
+        index: u32,
+        reason: FinishReason,
+        text: String,
+        usage: Usage,
+        error: Option<String>,
+    },
+}
+
+struct Seq<'m> {
+    index: u32,
+    slot: usize,
+    sampler: Sampler,
+    generated: Vec<u32>,
+    pending: Option<u32>,
+    decoder: Option<StreamDecoder<'m>>,
+    stop_text: StopText,
+    done: bool,
+}
+
+struct Group<'m> {
+    id: u64,
+    prompt: Vec<u32>,
+    params: RequestParams,
+    prefilled: usize,
+    prompt_logprobs: Vec<Option<TokenLogprob>>,
+    seqs: Vec<Seq<'m>>,
+    cancelled: bool,
+}
+
+/// What one row range of a step's batch is for.
+enum Piece {
+    Decode {
+        group: usize,
+        seq: usize,
+        row: usize,
+    },
+    /// Prompt tokens `start..start+len`; with echo, logits rows from `echo_rows`
+    /// (one per token); `last_row` once the prompt is complete.
+    Prefill {
+        group: usize,
+        start: usize,
+        len: usize,
+        echo_rows: Option<usize>,
+        last_row: Option<usize>,
+    },
+}
+
+/// The continuous-batching engine over one model.
+pub struct Engine<'m> {
+    session: Session<'m>,
+    table: SlotTable,
+    tok: Option<&'m Tokenizer>,
+    cfg: EngineConfig,
+    waiting: VecDeque<Group<'m>>,
+    running: Vec<Group<'m>>,
+    next_id: u64,
+    vocab: usize,
+}
+
+impl<'m> Engine<'m> {
+    pub fn new(
+        model: &'m LoadedModel,
+        par: &'m dyn Parallel,
+        tok: Option<&'m Tokenizer>,
+        cfg: EngineConfig,
+    ) -> Result<Self> {
+        if cfg.slots == 0 {
+            return Err(Error::Input("the engine needs at least one state slot".into()));
+        }
+        Ok(Engine {
+            session: Session::new(model, par, cfg.slots)?,
+            table: SlotTable::new(cfg.slots),
+            tok,
+            vocab: model.sample_vocab(),
+            cfg,
+            waiting: VecDeque::new(),
+            running: vec![],
+            next_id: 0,
+        })
+    }
+
+    /// Bytes of state per sequence and slots in use / free.
+    pub fn slot_usage(&self) -> (usize, usize) {
+        (self.table.in_use(), self.table.free())
+    }
+
+    /// Requests waiting for slots and running.
+    pub fn queue_lengths(&self) -> (usize, usize) {
+        (self.waiting.len(), self.running.len())
+    }
+
+    /// Whether anything is waiting or running.
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Queue a request; returns its id. Bad input is an error here, never later.
+    pub fn add(&mut self, prompt: Vec<u32>, params: RequestParams) -> Result<u64> {
+        if prompt.is_empty() {
+            return Err(Error::Input("the prompt is empty: give at least one token".into()));
+        }
+        if prompt.len() > self.cfg.max_prompt_tokens {
+            return Err(Error::Input(format!(
+                "the prompt has {} tokens, more than the limit of {}",
+                prompt.len(),
+                self.cfg.max_prompt_tokens
+            )));
+        }
+        let vocab = self.session.cfg().vocab_size;
+        if let Some((i, t)) = prompt.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+            return Err(Error::Input(format!(
+                "prompt token {i}: id {t} is out of range: the vocabulary has {vocab} entries"
+            )));
+        }
+        params.sampling.validate().map_err(Error::Input)?;
+        if params.n == 0 || params.n > self.cfg.slots {
+            return Err(Error::Input(format!(
+                "n must be in 1..={} (the state slots), got {}",
+                self.cfg.slots, params.n
+            )));
+        }
+        if params.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(Error::Input(format!("logprobs must be at most {MAX_TOP_LOGPROBS}")));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let plen = prompt.len();
+        self.waiting.push_back(Group {
+            id,
+            prompt,
+            params,
+            prefilled: 0,
+            prompt_logprobs: Vec::with_capacity(plen),
+            seqs: vec![],
+            cancelled: false,
+        });
+        Ok(id)
+    }
+
+    /// Cancel a request; its slots are freed at the next step. False if unknown or done.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        let g = self.waiting.iter_mut().chain(self.running.iter_mut()).find(|g| g.id == id);
+        g.map(|g| g.cancelled = true).is_some()
+    }
+
+    /// One iteration: cancellations, admissions, one forward pass, sampling.
+    pub fn step(&mut self, mut emit: impl FnMut(Event)) -> Result<()> {
+        self.reap_cancelled(&mut emit);
+        self.admit()?;
+        let (tokens, offsets, slots, rows, pieces) = self.plan();
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let v = self.session.cfg().vocab_size;
+        let logits = match self.session.forward(&tokens, &offsets, &slots, &rows) {
+            Ok(l) => l.to_vec(),
+            Err(e) => {
+                // Fail the requests of this batch, keep the engine going.
+                let msg = e.to_string();
+                for g in &mut self.running {
+                    for s in g.seqs.iter_mut().filter(|s| !s.done) {
+                        s.done = true;
+                        self.table.release((g.id, s.index));
+                        emit(Event::Finished {
+                            request: g.id,
+                            index: s.index,
+                            reason: FinishReason::Error,
+                            text: String::new(),
+                            usage: Usage {
+                                prompt_tokens: g.prompt.len(),
+                                completion_tokens: s.generated.len(),
+                            },
+                            error: Some(msg.clone()),
+                        });
+                    }
+                }
+                self.running.clear();
+                return Ok(());
+            }
+        };
+        let row = |r: usize| &logits[r * v..(r + 1) * v];
+        for p in pieces {
+            match p {
+                Piece::Decode { group, seq, row: r } => {
+                    let g = &mut self.running[group];
+                    let s = &mut g.seqs[seq];
+                    let tok = s.sampler.sample_with_history(row(r), self.vocab, &g.prompt, &s.generated);
+                    accept(
+                        &mut self.table,
+                        g.id,
+                        &g.prompt,
+                        &g.params,
+                        s,
+                        tok,
+                        row(r),
+                        self.vocab,
+                        &mut emit,
+                    );
+                }
+                Piece::Prefill { group, start, len, echo_rows, last_row } => {
+                    let g = &mut self.running[group];
+                    g.prefilled += len;
+                    if let Some(first) = echo_rows {
+                        if start == 0 {
+                            g.prompt_logprobs.push(None);
+                        }
+                        let top = g.params.logprobs.unwrap_or(0);
+                        for k in 0..len {
+                            let next = start + k + 1;
+                            if next < g.prompt.len() {
+                                let lp = token_logprob(row(first + k), self.vocab, g.prompt[next], top);
+                                g.prompt_logprobs.push(Some(lp));
+                            }
+                        }
+                    }
+                    let Some(last_row) = last_row else { continue };
+                    if g.params.echo {
+                        emit(Event::PromptLogprobs {
+                            request: g.id,
+                            logprobs: std::mem::take(&mut g.prompt_logprobs),
+                        });
+                    }
+                    // Fork: every other sample starts from the prompt's state.
+                    let parent = g.seqs[0].slot;
+                    for s in &g.seqs[1..] {
+                        self.session.copy_slot(parent, s.slot)?;
+                    }
+                    let last = row(last_row);
+                    for s in &mut g.seqs {
+                        if g.params.max_tokens == 0 {
+                            finish(&mut self.table, g.id, g.prompt.len(), s, FinishReason::Length, &mut emit);
+                            continue;
+                        }
+                        let tok = s.sampler.sample_with_history(last, self.vocab, &g.prompt, &s.generated);
+                        accept(
+                            &mut self.table,
+                            g.id,
+                            &g.prompt,
+                            &g.params,
+                            s,
+                            tok,
+                            last,
+                            self.vocab,
+                            &mut emit,
+                        );
+                    }
+                }
+            }
+        }
+        self.running.retain(|g| g.seqs.iter().any(|s| !s.done));
+        Ok(())
+    }
+
+    /// Run until every queued request is done.
+    pub fn run_to_completion(&mut self, mut emit: impl FnMut(Event)) -> Result<()> {
+        while self.has_work() {
+            self.step(&mut emit)?;
+        }
+        Ok(())
+    }
+
+    fn reap_cancelled(&mut self, emit: &mut impl FnMut(Event)) {
+        let table = &mut self.table;
+        let mut reap = |g: &mut Group<'m>| {
+            for i in 0..g.params.n as u32 {
+                let generated = g.seqs.get(i as usize).map_or(0, |s| s.generated.len());
+                if g.seqs.get(i as usize).is_some_and(|s| s.done) {
+                    continue;
+                }
+                table.release((g.id, i));
+                emit(Event::Finished {
+                    request: g.id,
+                    index: i,
+                    reason: FinishReason::Cancelled,
+                    text: String::new(),
+                    usage: Usage { prompt_tokens: g.prompt.len(), completion_tokens: generated },
+                    error: None,
+                });
+            }
+        };
+        for g in self.waiting.iter_mut().chain(self.running.iter_mut()).filter(|g| g.cancelled) {
+            reap(g);
+        }
+        self.waiting.retain(|g| !g.cancelled);
+        self.running.retain(|g| !g.cancelled);
+    }
+
+    /// Admit waiting requests, in order, while their samples all get slots.
+    fn admit(&mut self) -> Result<()> {
+        while let Some(g) = self.waiting.front() {
+            if self.table.free() < g.params.n {
+                break; // waits: claiming past capacity is not a failure
+            }
+            let Some(mut g) = self.waiting.pop_front() else { break };
+            for i in 0..g.params.n as u32 {
+                let slot = self.table.claim((g.id, i)).map_err(|e| Error::Input(e.to_string()))?;
+                self.session.reset(slot)?;
+                let seed = g.params.sampling.seed.wrapping_add(i as u64);
+                g.seqs.push(Seq {
+                    index: i,
+                    slot,
+                    sampler: Sampler::new(SamplingParams { seed, ..g.params.sampling.clone() }),
+                    generated: vec![],
+                    pending: None,
+                    decoder: self.tok.map(|t| StreamDecoder::new(t, &g.prompt)),
+                    stop_text: StopText::new(g.params.stop.clone()),
+                    done: false,
+                });
+            }
+            self.running.push(g);
+        }
+        Ok(())
+    }
+
+    /// The batch of one step: decode tokens first, then prefill pieces within the budget.
+    #[allow(clippy::type_complexity)]
+    fn plan(&mut self) -> (Vec<u32>, Vec<usize>, Vec<usize>, Vec<usize>, Vec<Piece>) {
+        let (mut tokens, mut offsets, mut slots, mut rows, mut pieces) =
+            (vec![], vec![0], vec![], vec![], vec![]);
+        for (gi, g) in self.running.iter().enumerate() {
+            for (si, s) in g.seqs.iter().enumerate() {
+                if let (false, Some(t)) = (s.done, s.pending) {
+                    pieces.push(Piece::Decode { group: gi, seq: si, row: rows.len() });
+                    rows.push(tokens.len());
+                    tokens.push(t);
+                    offsets.push(tokens.len());
+                    slots.push(s.slot);
+                }
+            }
+        }
+        let mut budget = self.cfg.prefill_chunk.max(1);
+        for (gi, g) in self.running.iter().enumerate() {
+            let left = g.prompt.len() - g.prefilled;
+            if left == 0 || budget == 0 {
+                continue;
+            }
+            let len = left.min(budget);
+            budget -= len;
+            let row0 = tokens.len();
+            tokens.extend_from_slice(&g.prompt[g.prefilled..g.prefilled + len]);
+            offsets.push(tokens.len());
+            slots.push(g.seqs[0].slot);
+            let done = g.prefilled + len == g.prompt.len();
+            let echo_rows = g.params.echo.then(|| {
+                let first = rows.len();
+                rows.extend(row0..row0 + len);
+                first
+            });
+            // Without echo only the prompt's last row is needed, once it is reached.
+            let last_row = match (done, echo_rows) {
+                (false, _) => None,
+                (true, Some(first)) => Some(first + len - 1),
+                (true, None) => {
+                    rows.push(row0 + len - 1);
+                    Some(rows.len() - 1)
+                }
+            };
+            pieces.push(Piece::Prefill { group: gi, start: g.prefilled, len, echo_rows, last_row });
+        }
+        for s in self.running.iter_mut().flat_map(|g| g.seqs.iter_mut()) {
+            s.pending = None;
+        }
+        (tokens, offsets, slots, rows, pieces)
+    }
+}
+
+/// Take sampled token `tok` for `s`: log-prob, text, stop checks, events.
+#[allow(clippy::too_many_arguments)]
+fn accept(
+    table: &mut SlotTable,
+    id: u64,
+    prompt: &[u32],
+    params: &RequestParams,
+    s: &mut Seq<'_>,
+    tok: u32,
+    row: &[f32],
+    vocab: usize,
+    emit: &mut impl FnMut(Event),
+) {
+    s.generated.push(tok);
+    let logprob = params.logprobs.map(|n| token_logprob(row, vocab, tok, n));
+    let piece = match s.decoder.as_mut().map(|d| d.push(tok)) {
+        Some(Ok(Some(p))) => p,
+        _ => String::new(),
+    };
+    let (text, hit_stop_string) = s.stop_text.push(&piece);
+    emit(Event::Token { request: id, index: s.index, token: tok, text, logprob });
+    let reason = if hit_stop_string || params.stop_ids.contains(&tok) {
+        Some(FinishReason::Stop)
+    } else if s.generated.len() >= params.max_tokens {
+        Some(FinishReason::Length)
+    } else {
+        None
+    };
+    match reason {
+        Some(r) => finish(table, id, prompt.len(), s, r, emit),
+        None => s.pending = Some(tok),
+    }
+}
+
+fn finish(
+    table: &mut SlotTable,
+    id: u64,
+    prompt_tokens: usize,
+    s: &mut Seq<'_>,
+    r: FinishReason,
+    emit: &mut impl FnMut(Event),
+) {
+    s.done = true;
+    table.release((id, s.index));
+    let text = s.stop_text.flush();
+    emit(Event::Finished {
+        request: id,
+        index: s.index,
+        reason: r,
+        text,
+        usage: Usage { prompt_tokens, completion_tokens: s.generated.len() },
+        error: None,
+    });
+}

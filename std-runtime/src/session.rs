@@ -18,6 +18,19 @@ pub enum LogitsMode {
     Last,
     /// One row per position.
     All,
+    /// The rows of the last `n` positions (fewer when the sequence is shorter).
+    LastN(usize),
+}
+
+impl LogitsMode {
+    /// Rows kept of a sequence of `len` positions: the first kept position.
+    fn first_kept(self, len: usize) -> usize {
+        match self {
+            LogitsMode::Last => len - 1,
+            LogitsMode::All => 0,
+            LogitsMode::LastN(n) => len.saturating_sub(n),
+        }
+    }
 }
 
 /// Default prefill chunk (tokens of all sequences together).
@@ -164,10 +177,8 @@ impl<'m> Session<'m> {
             self.check_tokens(s, |p| format!("sequence {i}, position {p}"))?;
         }
         let vocab = self.model.cfg.vocab_size;
-        let mut out: Vec<Vec<f32>> = seqs
-            .iter()
-            .map(|s| Vec::with_capacity(vocab * if mode == LogitsMode::All { s.len() } else { 1 }))
-            .collect();
+        let mut out: Vec<Vec<f32>> =
+            seqs.iter().map(|s| Vec::with_capacity(vocab * (s.len() - mode.first_kept(s.len())))).collect();
         let mut done = vec![0usize; seqs.len()];
         let chunk = self.chunk_tokens.max(1);
         loop {
@@ -186,11 +197,9 @@ impl<'m> Session<'m> {
                 let row0 = tokens.len();
                 tokens.extend_from_slice(&s[done[i]..done[i] + take]);
                 done[i] += take;
-                match mode {
-                    LogitsMode::All => logit_rows.extend(row0..row0 + take),
-                    LogitsMode::Last if done[i] == s.len() => logit_rows.push(row0 + take - 1),
-                    LogitsMode::Last => {}
-                }
+                // Positions done-take..done of this sequence sit at rows row0..row0+take.
+                let keep_from = mode.first_kept(s.len()).max(done[i] - take);
+                logit_rows.extend((keep_from..done[i]).map(|p| row0 + p - (done[i] - take)));
                 offsets.push(tokens.len());
                 chunk_slots.push(slots[i]);
                 members.push((i, row0, take));

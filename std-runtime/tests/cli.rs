@@ -160,6 +160,10 @@ fn inspect_reports_state_bytes_and_parameters() {
     assert_eq!(v["tied_embeddings"], false);
     assert_eq!(v["weight_files"].as_array().unwrap().len(), 2);
     assert_eq!(v["layer_norm_epsilon"], 1e-5);
+    let out =
+        ok_stdout(&["inspect", "-m", &fixture("hf_bf16_untied_sharded"), "--json", "--state-memory", "1MiB"]);
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["sequences_fit_in_budget"], (1 << 20) / (2 * 48 * (3 + 16) * 4));
 }
 
 #[test]
@@ -175,4 +179,79 @@ fn bad_arguments_are_clear_errors() {
     assert!(err_text(&["inspect", "-m", "/no/such/model/dir"]).contains("no such model directory"));
     let e = err_text(&["inspect", "-m", "someorg/some-model-that-is-not-cached"]);
     assert!(e.contains("huggingface-cli download someorg/some-model-that-is-not-cached"), "{e}");
+}
+
+#[test]
+fn logits_last_n_in_prefill_and_step_paths() {
+    let case = "hf_f16_k2";
+    let t = truth(case);
+    let v = t["padded_vocab_size"].as_u64().unwrap() as usize;
+    let p = &t["prompts"][2];
+    let want = read_f64(case, p["logits"].as_str().unwrap());
+    let model = fixture(case);
+    for extra in [None, Some("--step")] {
+        let mut args = vec!["logits", "-m", &model];
+        let ids = ids_arg(&p["ids"]);
+        args.extend(["--ids", &ids, "--last", "3"]);
+        args.extend(extra);
+        let out = ok_stdout(&args);
+        let line: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(line["logits"].as_array().unwrap().len(), 3);
+        assert!(max_diff(&line["logits"], &want[want.len() - 3 * v..]) < 1e-3, "{extra:?}");
+    }
+}
+
+#[test]
+fn several_prompts_run_as_one_batch_and_print_in_input_order() {
+    let case = "hf_f32_tied";
+    let t = truth(case);
+    let prompts = t["prompts"].as_array().unwrap();
+    let model = fixture(case);
+    let mut args = vec!["generate".to_string(), "-m".into(), model, "--temperature".into(), "0".into()];
+    args.extend(["--max-tokens".into(), "12".into(), "--json".into(), "--n".into(), "2".into()]);
+    args.extend(["--logprobs".into(), "2".into(), "--echo".into()]);
+    for p in prompts.iter().take(4) {
+        args.extend(["--ids".into(), ids_arg(&p["ids"])]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = ok_stdout(&refs);
+    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 8, "4 prompts x 2 samples");
+    for (k, line) in lines.iter().enumerate() {
+        let p = &prompts[k / 2];
+        assert_eq!(line["prompt_index"], k / 2);
+        assert_eq!(line["index"], k % 2);
+        assert_eq!(line["prompt_ids"], p["ids"]);
+        assert_eq!(line["generated_ids"], p["greedy"], "line {k}");
+        let lps = line["logprobs"].as_array().unwrap();
+        assert_eq!(lps.len(), 12);
+        assert_eq!(lps[0]["top"].as_array().unwrap().len(), 2);
+        let plp = line["prompt_logprobs"].as_array().unwrap();
+        assert_eq!(plp.len(), p["ids"].as_array().unwrap().len());
+        assert!(plp[0].is_null());
+    }
+}
+
+#[test]
+fn prompts_file_and_stop_strings() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("prompts.txt");
+    std::fs::write(&f, "the cat sat\n\nthe dog\n").unwrap();
+    let model = fixture("hf_f32_tied");
+    let base = ["generate", "-m", &model, "--temperature", "0", "--max-tokens", "12", "--json"];
+    let mut args = base.to_vec();
+    let fs = f.to_string_lossy().into_owned();
+    args.extend(["--prompts-file", &fs]);
+    let out = ok_stdout(&args);
+    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "blank lines are skipped");
+    let text = lines[0]["text"].as_str().unwrap().to_string();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let stop = words[2];
+    let mut args = base.to_vec();
+    args.extend(["--prompt", "the cat sat", "--stop", stop]);
+    let line: Value = serde_json::from_str(ok_stdout(&args).trim()).unwrap();
+    assert_eq!(line["finish_reason"], "stop");
+    let cut = line["text"].as_str().unwrap();
+    assert_eq!(cut, &text[..text.find(stop).unwrap()], "cut right before the first {stop:?}");
 }

@@ -174,3 +174,23 @@ fn batched_step_equals_single_steps() {
         assert_eq!(row, &rows[i * v..(i + 1) * v], "sequence {i}");
     }
 }
+
+#[test]
+fn last_n_logits_are_the_last_rows_of_every_sequence() {
+    let t = Truth::load("hf_bf16_untied_sharded");
+    let m = load(&t);
+    let v = t.padded_vocab_size;
+    let seqs: Vec<&[u32]> = t.prompts.iter().map(|p| p.ids.as_slice()).collect();
+    let slots: Vec<usize> = (0..seqs.len()).collect();
+    for (n, chunk) in [(1, 4096), (3, 5), (20, 7), (1000, 64)] {
+        let mut s = Session::new(&m, &Sequential, seqs.len()).unwrap();
+        s.chunk_tokens = chunk;
+        let rows = s.prefill(&seqs, &slots, LogitsMode::LastN(n)).unwrap();
+        for (i, p) in t.prompts.iter().enumerate() {
+            let want = t.read_f64(&p.logits);
+            let keep = n.min(p.ids.len());
+            let what = format!("last {n} rows of prompt {i} (chunk {chunk})");
+            assert_close(&what, &rows[i], &want[(p.ids.len() - keep) * v..], LOGIT_TOL);
+        }
+    }
+}

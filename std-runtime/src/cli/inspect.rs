@@ -13,6 +13,9 @@ pub struct InspectArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also say how many sequences' states fit in this much memory.
+    #[arg(long, default_value = "1GiB")]
+    pub state_memory: String,
 }
 
 pub fn run(a: InspectArgs) -> Result<()> {
@@ -22,6 +25,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
     let fp = c.footprint();
     let state = fp.state_bytes_per_seq();
     let files: Vec<String> = m.weight_files().iter().map(|p| p.display().to_string()).collect();
+    let budget = super::parse_size(&a.state_memory)?;
     let info = json!({
         "model_dir": m.dir.display().to_string(),
         "layout": fc.layout.name(),
@@ -48,6 +52,8 @@ pub fn run(a: InspectArgs) -> Result<()> {
         "state_bytes_per_sequence": state,
         "conv_state_bytes_per_sequence": c.n_layer * c.d_inner * c.d_conv * 4,
         "ssm_state_bytes_per_sequence": c.n_layer * c.d_inner * c.d_state * 4,
+        "state_memory_budget_bytes": budget,
+        "sequences_fit_in_budget": budget / state.max(1),
         "prefill_scratch_bytes_512_tokens": fp.prefill_scratch_bytes(512, 1),
         "step_scratch_bytes_batch_1": fp.step_scratch_bytes(1),
     });

@@ -18,8 +18,11 @@ pub struct LogitsArgs {
     #[arg(long, required = true)]
     pub ids: Vec<String>,
     /// One row per position instead of the last position only.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "last")]
     pub all: bool,
+    /// The rows of the last N positions.
+    #[arg(long)]
+    pub last: Option<usize>,
     /// Feed every token through the single-token step path.
     #[arg(long)]
     pub step: bool,
@@ -37,7 +40,12 @@ pub fn run(a: LogitsArgs) -> Result<()> {
     session.chunk_tokens = a.chunk.max(1);
     let v = model.cfg.vocab_size;
     let slots: Vec<usize> = (0..n).collect();
-    let mode = if a.all { LogitsMode::All } else { LogitsMode::Last };
+    let mode = match (a.all, a.last) {
+        (true, _) => LogitsMode::All,
+        (false, Some(0)) => anyhow::bail!("--last must be at least 1"),
+        (false, Some(n)) => LogitsMode::LastN(n),
+        (false, None) => LogitsMode::Last,
+    };
     let rows: Vec<Vec<f32>> = if a.step {
         step_all(&mut session, &seqs, mode)?
     } else {
@@ -62,7 +70,11 @@ fn step_all(session: &mut Session<'_>, seqs: &[Vec<u32>], mode: LogitsMode) -> R
         let toks: Vec<u32> = live.iter().map(|&i| seqs[i][t]).collect();
         let logits = session.step(&toks, &live).with_context(|| format!("step at position {t}"))?;
         for (row, &i) in live.iter().enumerate() {
-            let keep = mode == LogitsMode::All || t + 1 == seqs[i].len();
+            let keep = match mode {
+                LogitsMode::All => true,
+                LogitsMode::Last => t + 1 == seqs[i].len(),
+                LogitsMode::LastN(n) => t + n >= seqs[i].len(),
+            };
             if keep {
                 out[i].extend_from_slice(&logits[row * v..(row + 1) * v]);
             }

@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod cpu;
 pub mod engine;
 pub mod error;
 pub mod generate;
@@ -15,6 +16,7 @@ pub mod hub;
 pub mod model;
 pub mod parallel;
 pub mod sampling;
+
 pub mod session;
 
 pub mod tokenizer;

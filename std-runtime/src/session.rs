@@ -51,6 +51,7 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     /// A session with `n_slots` zeroed state slots.
     pub fn new(model: &'m LoadedModel, par: &'m dyn Parallel, n_slots: usize) -> Result<Self> {
+        crate::cpu::init_simd();
         let layout = model.cfg.state_layout();
         let len = n_slots.checked_mul(layout.slot_len()).ok_or_else(|| {
             Error::Input(format!("{n_slots} state slots of {} bytes each are too many", layout.slot_bytes()))

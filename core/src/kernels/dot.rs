@@ -1,13 +1,53 @@
-//! Dot products of a stored weight row with an f32 activation row.
+//! Dot products of a stored weight row with f32 activation rows.
 //!
-//! Eight independent accumulators let the compiler vectorise; bf16 and f16
-//! are widened in registers, never copied.
+//! The portable code keeps eight independent accumulators so the compiler
+//! can vectorise; bf16 and f16 are widened in registers, never copied. On
+//! x86-64 with AVX2/FMA switched on ([`super::simd::enable_avx2`]) the
+//! explicit SIMD kernels run instead.
 
 use crate::tensor::{bf16_to_f32, WData};
 
 /// `sum_i w[i] * x[i]` over the shorter of the two.
 #[inline]
 pub fn dot(w: WData<'_>, x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::avx2_enabled() {
+        use super::simd::x86;
+        // SAFETY: enable_avx2's contract: the CPU has AVX2, FMA and F16C.
+        #[allow(unsafe_code)]
+        unsafe {
+            return match w {
+                WData::F32(a) => x86::dot_f32(a, x),
+                WData::F16(a) => x86::dot_f16(a, x),
+                WData::BF16(a) => x86::dot_bf16(a, x),
+            };
+        }
+    }
+    dot_portable(w, x)
+}
+
+/// Four activation rows against one weight row (a 1 x 4 block of a matrix product).
+#[inline]
+pub fn dot4(w: WData<'_>, x: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::avx2_enabled() {
+        use super::simd::x86;
+        // SAFETY: enable_avx2's contract: the CPU has AVX2, FMA and F16C.
+        #[allow(unsafe_code)]
+        unsafe {
+            return match w {
+                WData::F32(a) => x86::dot4_f32(a, x),
+                WData::F16(a) => x86::dot4_f16(a, x),
+                WData::BF16(a) => x86::dot4_bf16(a, x),
+            };
+        }
+    }
+    x.map(|r| dot_portable(w, r))
+}
+
+/// The portable reference.
+#[inline]
+pub fn dot_portable(w: WData<'_>, x: &[f32]) -> f32 {
     match w {
         WData::F32(a) => dot_with(a, x, |v| v),
         WData::F16(a) => dot_with(a, x, |v| v.to_f32()),

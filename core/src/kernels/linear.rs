@@ -1,6 +1,9 @@
 //! Linear layers: `y = x W^T + b` with W stored `[out, in]` in any dtype.
 
-use super::{act::softplus, dot::dot};
+use super::{
+    act::softplus,
+    dot::{dot, dot4},
+};
 use crate::tensor::Tensor;
 
 /// Output features `f0..f1` for `rows` rows of `x` (`[rows, in]`):
@@ -18,11 +21,21 @@ pub fn linear(
     out_stride: usize,
 ) {
     let k = w.cols;
+    let xr = |t: usize| &x[t * k..(t + 1) * k];
     for o in f0..f1 {
         let wr = w.row(o);
         let b = bias.map_or(0.0, |b| b.data.get(o));
-        for t in 0..rows {
-            out[t * out_stride + (o - f0)] = dot(wr, &x[t * k..(t + 1) * k]) + b;
+        // Blocks of four tokens share each widened weight load.
+        let mut t = 0;
+        while t + 4 <= rows {
+            let d = dot4(wr, [xr(t), xr(t + 1), xr(t + 2), xr(t + 3)]);
+            for (j, v) in d.into_iter().enumerate() {
+                out[(t + j) * out_stride + (o - f0)] = v + b;
+            }
+            t += 4;
+        }
+        for t in t..rows {
+            out[t * out_stride + (o - f0)] = dot(wr, xr(t)) + b;
         }
     }
 }

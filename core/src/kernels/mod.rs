@@ -10,10 +10,11 @@ pub mod embed;
 pub mod linear;
 pub mod norm;
 pub mod scan;
+pub mod simd;
 
 pub use act::{silu, softplus};
 pub use conv::{conv1d_seq, conv1d_step};
-pub use dot::dot;
+pub use dot::{dot, dot4, dot_portable};
 pub use embed::embed_rows;
 pub use linear::{dt_proj_softplus, linear};
 pub use norm::rms_norm;

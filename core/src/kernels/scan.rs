@@ -5,7 +5,7 @@
 //! `y[d] = (sum_n h[d,n] * C[n] + D[d] * x[d]) * silu(z[d])`.
 //! Nothing of size `[tokens, d_inner, d_state]` is materialised.
 
-use super::act::silu;
+use super::act::{exp_fast, silu};
 use crate::config::MAX_D_STATE;
 use crate::tensor::WData;
 
@@ -57,17 +57,27 @@ pub fn selective_scan_seq(
             let dtv = dt[t * d_inner + d];
             let b = &dbc[t * xp + dt_rank..t * xp + dt_rank + n_s];
             let c = &dbc[t * xp + dt_rank + n_s..t * xp + xp];
-            let dtx = dtv * xv;
-            let mut acc = 0.0f32;
-            for n in 0..n_s {
-                let hn = libm::expf(dtv * a_row[n]) * h[n] + dtx * b[n];
-                h[n] = hn;
-                acc += hn * c[n];
-            }
+            let acc = update(h, &a_row[..n_s], dtv, dtv * xv, b, c);
             let z = xz[t * 2 * d_inner + d_inner + d];
             y[t * d_inner + d] = (acc + dd * xv) * silu(z);
         }
     }
+}
+
+/// One channel, one token: `h = exp(dt A) h + dt x B`, returns `h . C`.
+/// The decay and the update are element-wise passes that vectorise; only
+/// the final sum is sequential.
+#[inline(always)]
+fn update(h: &mut [f32], a: &[f32], dt: f32, dtx: f32, b: &[f32], c: &[f32]) -> f32 {
+    let n = h.len();
+    let mut decay = [0.0f32; MAX_D_STATE];
+    for (e, &av) in decay[..n].iter_mut().zip(a) {
+        *e = exp_fast(dt * av);
+    }
+    for ((hv, &e), &bv) in h.iter_mut().zip(&decay[..n]).zip(&b[..n]) {
+        *hv = e * *hv + dtx * bv;
+    }
+    h.iter().zip(&c[..n]).map(|(hv, cv)| hv * cv).sum()
 }
 
 /// One token of one sequence: the same recurrence, `len = 1`.
@@ -81,15 +91,13 @@ pub fn selective_scan_step(
     let ScanRows { x, dt, dbc, xz, d_inner, d_state: n_s, dt_rank } = rows;
     let b = &dbc[dt_rank..dt_rank + n_s];
     let c = &dbc[dt_rank + n_s..dt_rank + 2 * n_s];
+    let mut a_row = [0.0f32; MAX_D_STATE];
     for (d, h) in state.chunks_exact_mut(n_s).enumerate().take(d_inner) {
         let (xv, dtv) = (x[d], dt[d]);
-        let dtx = dtv * xv;
-        let mut acc = 0.0f32;
-        for n in 0..n_s {
-            let hn = libm::expf(dtv * a.get(d * n_s + n)) * h[n] + dtx * b[n];
-            h[n] = hn;
-            acc += hn * c[n];
+        for (n, v) in a_row.iter_mut().enumerate().take(n_s) {
+            *v = a.get(d * n_s + n);
         }
+        let acc = update(h, &a_row[..n_s], dtv, dtv * xv, b, c);
         y[d] = (acc + d_skip.get(d) * xv) * silu(xz[d_inner + d]);
     }
 }

@@ -1,0 +1,169 @@
+//! x86-64 AVX2 + FMA (+ F16C) dot products, chosen at run time.
+//!
+//! The core cannot detect CPU features without `std`, so the caller that
+//! can (the std runtime, with `is_x86_feature_detected!`) switches them on
+//! once through [`enable_avx2`]. Until then, and on every other target, the
+//! portable kernels in [`super::dot`] run; they stay the reference the tests
+//! compare against.
+#![allow(unsafe_code)]
+
+use core::sync::atomic::{AtomicBool, Ordering};
+
+static AVX2: AtomicBool = AtomicBool::new(false);
+
+/// Use the AVX2/FMA/F16C kernels from now on.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C (the runtime checks this with
+/// `is_x86_feature_detected!` before calling).
+pub unsafe fn enable_avx2() {
+    AVX2.store(cfg!(target_arch = "x86_64"), Ordering::Relaxed);
+}
+
+/// Whether the AVX2 kernels are in use.
+#[inline(always)]
+pub fn avx2_enabled() -> bool {
+    AVX2.load(Ordering::Relaxed)
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use core::arch::x86_64::*;
+    use half::{bf16, f16};
+
+    /// Eight weights widened to f32.
+    trait Widen: Copy {
+        /// # Safety
+        /// `p` points at 8 readable elements; AVX2/F16C are available.
+        unsafe fn load8(p: *const Self) -> __m256;
+        fn to_f32(self) -> f32;
+    }
+
+    impl Widen for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const Self) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            self
+        }
+    }
+
+    impl Widen for bf16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const Self) -> __m256 {
+            // bf16 is the top half of an f32: zero-extend and shift.
+            let h = _mm_loadu_si128(p as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            crate::tensor::bf16_to_f32(self)
+        }
+    }
+
+    impl Widen for f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const Self) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+        #[inline(always)]
+        fn to_f32(self) -> f32 {
+            f16::to_f32(self)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// `sum w[i] x[i]` with two FMA chains (even and odd blocks of 8).
+    /// [`dot4_impl`] sums in exactly the same order, so a row gives the same
+    /// bits whether it is computed alone or in a block of four.
+    #[inline(always)]
+    unsafe fn dot_impl<T: Widen>(w: &[T], x: &[f32]) -> f32 {
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            a0 = _mm256_fmadd_ps(T::load8(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
+            a1 = _mm256_fmadd_ps(T::load8(wp.add(i + 8)), _mm256_loadu_ps(xp.add(i + 8)), a1);
+            i += 16;
+        }
+        if i + 8 <= n {
+            a0 = _mm256_fmadd_ps(T::load8(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
+            i += 8;
+        }
+        let mut s = hsum(_mm256_add_ps(a0, a1));
+        while i < n {
+            s += w[i].to_f32() * x[i];
+            i += 1;
+        }
+        s
+    }
+
+    /// Four rows of x against one weight row: the weights are loaded and
+    /// widened once for the four tokens. Same summation order as [`dot_impl`].
+    #[inline(always)]
+    unsafe fn dot4_impl<T: Widen>(w: &[T], x: [&[f32]; 4]) -> [f32; 4] {
+        let n = x.iter().fold(w.len(), |m, r| m.min(r.len()));
+        let wp = w.as_ptr();
+        let xp = x.map(|r| r.as_ptr());
+        let mut a0 = [_mm256_setzero_ps(); 4];
+        let mut a1 = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            let (w0, w1) = (T::load8(wp.add(i)), T::load8(wp.add(i + 8)));
+            for k in 0..4 {
+                a0[k] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp[k].add(i)), a0[k]);
+                a1[k] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp[k].add(i + 8)), a1[k]);
+            }
+            i += 16;
+        }
+        if i + 8 <= n {
+            let w0 = T::load8(wp.add(i));
+            for k in 0..4 {
+                a0[k] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp[k].add(i)), a0[k]);
+            }
+            i += 8;
+        }
+        let mut out = [0.0f32; 4];
+        for k in 0..4 {
+            out[k] = hsum(_mm256_add_ps(a0[k], a1[k]));
+        }
+        while i < n {
+            let wv = w[i].to_f32();
+            for k in 0..4 {
+                out[k] += wv * x[k][i];
+            }
+            i += 1;
+        }
+        out
+    }
+
+    macro_rules! entry {
+        ($name:ident, $name4:ident, $t:ty) => {
+            /// # Safety
+            /// AVX2, FMA and F16C must be available.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(w: &[$t], x: &[f32]) -> f32 {
+                dot_impl(w, x)
+            }
+            /// # Safety
+            /// AVX2, FMA and F16C must be available.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name4(w: &[$t], x: [&[f32]; 4]) -> [f32; 4] {
+                dot4_impl(w, x)
+            }
+        };
+    }
+    entry!(dot_f32, dot4_f32, f32);
+    entry!(dot_bf16, dot4_bf16, bf16);
+    entry!(dot_f16, dot4_f16, f16);
+}

@@ -86,7 +86,8 @@ if [ -z "${MAMBA_FIRMWARE_PROMPT_IDS:-}" ] && [ -f "$model/tokenizer.json" ]; th
     fi
 fi
 
-host=$("$cli" generate --model "$model" --ids "$prompt" --temperature 0 --max-tokens "$n" --ignore-eos --json |
+# The portable kernels, as on the M4: the same arithmetic on both sides.
+host=$(MAMBA_SIMD=0 "$cli" generate --model "$model" --ids "$prompt" --temperature 0 --max-tokens "$n" --ignore-eos --json |
     json_field generated_ids)
 if [ "$host" != "$tokens" ]; then
     echo "firmware-check: MISMATCH for prompt $prompt" >&2

@@ -75,6 +75,40 @@ fn check_slots(cfg: &MambaConfig, slots: &[usize], states: &[f32], layer: usize)
     check_distinct(slots)
 }
 
+/// Work (tokens x channels x states) above which a sequence's scan is split over threads.
+const PARALLEL_SCAN_MIN: usize = 1 << 16;
+
+/// Writes into a `[rows, cols]` buffer from several threads at once, each
+/// thread owning a disjoint set of columns (scan channels).
+struct ColumnWriter {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: the writer only stores to indices that the scan's channel split
+// makes disjoint between tasks, and it outlives no borrow: it is created
+// from a `&mut [f32]` held for the whole parallel call.
+#[allow(unsafe_code)]
+unsafe impl Sync for ColumnWriter {}
+
+impl ColumnWriter {
+    fn new(buf: &mut [f32]) -> Self {
+        ColumnWriter { ptr: buf.as_mut_ptr(), len: buf.len() }
+    }
+
+    #[inline(always)]
+    fn write(&self, i: usize, v: f32) {
+        assert!(i < self.len, "column write out of bounds");
+        // SAFETY: in bounds (checked), and no two tasks write the same index
+        // (each owns its channels' columns); the buffer is exclusively
+        // borrowed for the writer's life.
+        #[allow(unsafe_code)]
+        unsafe {
+            self.ptr.add(i).write(v)
+        };
+    }
+}
+
 /// Rows per parallel task so every thread gets a couple of tasks.
 fn rows_per_task(rows: usize, threads: usize) -> usize {
     rows.div_ceil(threads.max(1) * 2).max(1)
@@ -257,14 +291,28 @@ impl<'a> MambaOps for CpuBackend<'a> {
                 d_state: cfg.d_state,
                 dt_rank: cfg.dt_rank,
             };
-            kernels::selective_scan_seq(
-                seq,
-                r.len(),
-                lw.a.data,
-                lw.d.data,
-                &mut states[off..off + layout.ssm_len()],
-                &mut y[r.start * di..r.end * di],
-            );
+            let state = &mut states[off..off + layout.ssm_len()];
+            let y = &mut y[r.start * di..r.end * di];
+            let n_s = cfg.d_state;
+            if self.par.threads() > 1 && r.len() * di * n_s >= PARALLEL_SCAN_MIN {
+                // Channels are independent: split them over threads; each
+                // task owns its channels' states and writes only their y columns.
+                let out = ColumnWriter::new(y);
+                let chunk = di.div_ceil(self.par.threads() * 4).max(1) * n_s;
+                self.par.for_each_chunk(state, chunk, &|start, st| {
+                    kernels::selective_scan_channels(
+                        seq,
+                        r.len(),
+                        lw.a.data,
+                        lw.d.data,
+                        start / n_s,
+                        st,
+                        |t, d, v| out.write(t * di + d, v),
+                    )
+                });
+            } else {
+                kernels::selective_scan_seq(seq, r.len(), lw.a.data, lw.d.data, state, y);
+            }
         }
         Ok(())
     }

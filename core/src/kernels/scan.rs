@@ -43,15 +43,31 @@ pub fn selective_scan_seq(
     state: &mut [f32],
     y: &mut [f32],
 ) {
+    let di = rows.d_inner;
+    selective_scan_channels(rows, len, a, d_skip, 0, state, |t, d, v| y[t * di + d] = v);
+}
+
+/// The scan of channels `d0 .. d0 + state.len() / d_state` only (their
+/// states are a contiguous part of the layer's state), handing each output
+/// `y[t, d]` to `write(t, d, value)`: threads can take disjoint channel ranges.
+pub fn selective_scan_channels(
+    rows: ScanRows<'_>,
+    len: usize,
+    a: WData<'_>,
+    d_skip: WData<'_>,
+    d0: usize,
+    state: &mut [f32],
+    mut write: impl FnMut(usize, usize, f32),
+) {
     let ScanRows { x, dt, dbc, xz, d_inner, d_state: n_s, dt_rank } = rows;
     let xp = dt_rank + 2 * n_s;
     let mut a_row = [0.0f32; MAX_D_STATE];
-    for d in 0..d_inner {
+    for (k, h) in state.chunks_exact_mut(n_s).enumerate() {
+        let d = d0 + k;
         for (n, v) in a_row.iter_mut().enumerate().take(n_s) {
             *v = a.get(d * n_s + n);
         }
         let dd = d_skip.get(d);
-        let h = &mut state[d * n_s..(d + 1) * n_s];
         for t in 0..len {
             let xv = x[t * d_inner + d];
             let dtv = dt[t * d_inner + d];
@@ -59,7 +75,7 @@ pub fn selective_scan_seq(
             let c = &dbc[t * xp + dt_rank + n_s..t * xp + xp];
             let acc = update(h, &a_row[..n_s], dtv, dtv * xv, b, c);
             let z = xz[t * 2 * d_inner + d_inner + d];
-            y[t * d_inner + d] = (acc + dd * xv) * silu(z);
+            write(t, d, (acc + dd * xv) * silu(z));
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - [`tokenizer`], [`sampling`]: text in and out.
 #![deny(unsafe_code)]
 
+pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod engine;
@@ -16,9 +17,8 @@ pub mod hub;
 pub mod model;
 pub mod parallel;
 pub mod sampling;
-
 pub mod session;
-
+pub mod synthetic;
 pub mod tokenizer;
 pub mod torch_bin;
 pub mod weights;

@@ -1,5 +1,6 @@
 //! Command-line interface: argument parsing and one module per subcommand.
 
+mod bench;
 mod generate;
 mod inspect;
 mod logits;
@@ -25,6 +26,8 @@ pub enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Print logits of one or more sequences as JSON lines (one ragged batch).
     Logits(logits::LogitsArgs),
+    /// Measure prefill and decode tokens/s (a checkpoint, or synthetic weights of a published shape).
+    Bench(bench::BenchArgs),
     /// Show a model's resolved configuration, size and state memory.
     Inspect(inspect::InspectArgs),
 }
@@ -141,5 +144,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(*a),
         Command::Logits(a) => logits::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run_cmd(a),
     }
 }

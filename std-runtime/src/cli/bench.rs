@@ -1,0 +1,102 @@
+//! `mamba-rs bench`: prefill and decode tokens/s of a checkpoint, or of
+//! synthetic weights of a published shape built in memory.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use mamba_core::DType;
+use mamba_runtime::bench::{run, BenchConfig, BenchReport};
+use mamba_runtime::synthetic;
+
+use super::ModelArgs;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Synthetic weights of a published shape: 130m, 370m, 790m, 1.4b, 2.8b (instead of --model).
+    #[arg(long, conflicts_with = "model")]
+    pub shape: Option<String>,
+    /// Weight dtype of the synthetic model: f32, bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Batch sizes to measure, e.g. `1,8,32`.
+    #[arg(long, default_value = "1")]
+    pub batch: String,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_len: usize,
+    /// Decode steps.
+    #[arg(long, default_value_t = 128)]
+    pub gen_len: usize,
+    /// Timed runs of each phase (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// One JSON line per configuration.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "float16" => DType::F16,
+        other => bail!("--dtype: unknown dtype `{other}` (f32, bf16, f16)"),
+    })
+}
+
+/// Peak resident memory of this process, from the kernel.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run_cmd(a: BenchArgs) -> Result<()> {
+    let batches: Vec<usize> = a
+        .batch
+        .split(',')
+        .map(|b| b.trim().parse::<usize>().with_context(|| format!("--batch: `{b}` is not a number")))
+        .collect::<Result<_>>()?;
+    if batches.contains(&0) {
+        bail!("--batch sizes must be at least 1");
+    }
+    let (model, shape_name) = match &a.shape {
+        Some(s) => {
+            let shape = synthetic::shape(s)?;
+            eprintln!("building synthetic {} weights in {}...", shape.name, a.dtype);
+            (synthetic::synthetic_model(shape, parse_dtype(&a.dtype)?, 0)?, shape.name.to_string())
+        }
+        None => {
+            let m = a.model.load()?;
+            let name = m.dir.display().to_string();
+            (m, name)
+        }
+    };
+    let par = a.model.parallel()?;
+    let simd = mamba_runtime::cpu::init_simd();
+    if !a.json {
+        eprintln!("kernels: {simd}");
+        println!("{}", BenchReport::table_header());
+    }
+    for &batch in &batches {
+        let cfg =
+            BenchConfig { prompt_tokens: a.prompt_len, gen_tokens: a.gen_len, batch, repeats: a.repeat };
+        let r = run(&model, &par, &cfg).with_context(|| format!("benchmark at batch {batch}"))?;
+        if a.json {
+            let mut v = r.to_json();
+            v["shape"] = shape_name.clone().into();
+            v["prefill_tokens_per_s"] = r.prefill_tok_s.into();
+            v["decode_tokens_per_s"] = r.decode_tok_s.into();
+            v["time_to_first_token_s"] =
+                (r.prompt_tokens as f64 * batch as f64 / r.prefill_tok_s.max(1e-9)).into();
+            v["peak_rss_bytes"] = peak_rss_bytes().into();
+            v["kernels"] = simd.into();
+            println!("{v}");
+        } else {
+            println!("{}", r.table_line());
+        }
+    }
+    Ok(())
+}

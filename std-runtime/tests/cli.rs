@@ -255,3 +255,23 @@ fn prompts_file_and_stop_strings() {
     let cut = line["text"].as_str().unwrap();
     assert_eq!(cut, &text[..text.find(stop).unwrap()], "cut right before the first {stop:?}");
 }
+
+#[test]
+fn bench_reports_one_json_line_per_batch_size() {
+    let model = fixture("hf_bf16_untied_sharded");
+    let args = ["bench", "-m", &model, "--batch", "1,3", "--prompt-len", "9", "--gen-len", "4", "--repeat", "1"];
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let out = ok_stdout(&json_args);
+    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for (line, batch) in lines.iter().zip([1, 3]) {
+        assert_eq!(line["batch"], batch);
+        assert_eq!(line["dtype"], "bf16");
+        assert!(line["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(line["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(line["state_bytes_per_seq"], 2 * 48 * (3 + 16) * 4);
+    }
+    assert!(err_text(&["bench", "--shape", "9000b"]).contains("130m"));
+    assert!(err_text(&["bench", "-m", &model, "--batch", "0"]).contains("at least 1"));
+}

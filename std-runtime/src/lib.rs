@@ -17,6 +17,7 @@ pub mod hub;
 pub mod model;
 pub mod parallel;
 pub mod sampling;
+pub mod server;
 pub mod session;
 pub mod synthetic;
 pub mod tokenizer;

@@ -259,7 +259,8 @@ fn prompts_file_and_stop_strings() {
 #[test]
 fn bench_reports_one_json_line_per_batch_size() {
     let model = fixture("hf_bf16_untied_sharded");
-    let args = ["bench", "-m", &model, "--batch", "1,3", "--prompt-len", "9", "--gen-len", "4", "--repeat", "1"];
+    let args =
+        ["bench", "-m", &model, "--batch", "1,3", "--prompt-len", "9", "--gen-len", "4", "--repeat", "1"];
     let mut json_args = args.to_vec();
     json_args.push("--json");
     let out = ok_stdout(&json_args);

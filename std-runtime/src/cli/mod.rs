@@ -4,6 +4,7 @@ mod bench;
 mod generate;
 mod inspect;
 mod logits;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -30,6 +31,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Show a model's resolved configuration, size and state memory.
     Inspect(inspect::InspectArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// Options shared by every command that loads a model.
@@ -145,5 +148,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run_cmd(a),
+        Command::Serve(a) => serve::run(*a),
     }
 }

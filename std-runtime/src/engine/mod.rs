@@ -8,12 +8,20 @@
 //! prompt never stalls the running streams. A request is admitted when it
 //! can claim a state slot for each of its `n` samples; the samples share
 //! one prefill and are forked (slot copied) when the prompt is done.
+//!
+//! Prompt states can be saved and resumed ([`Engine::add_with`]): a request
+//! may start from a saved state that covers the first tokens of its prompt
+//! ([`PrefixState`]) and prefill only the rest, and may ask for the state
+//! after given prompt lengths ([`AddOptions::capture`], collected with
+//! [`Engine::take_captured`]). Prefill pieces are cut at those lengths; a
+//! piece continuing a saved state computes exactly what one long piece does.
 
 pub mod logprobs;
 pub mod slots;
 pub mod stop;
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use mamba_core::Parallel;
 
@@ -82,6 +90,33 @@ impl Default for RequestParams {
     }
 }
 
+/// A saved state to resume a prompt from: the state after its first `tokens` tokens.
+#[derive(Clone, Debug)]
+pub struct PrefixState {
+    pub state: Arc<[f32]>,
+    pub tokens: usize,
+}
+
+/// Options of [`Engine::add_with`].
+#[derive(Clone, Debug, Default)]
+pub struct AddOptions {
+    /// Resume from this state instead of prefilling its tokens (not with `echo`,
+    /// which needs every prompt position's logits). It must cover fewer tokens
+    /// than the prompt has: the last prompt token's logits pick the first token.
+    pub prefix: Option<PrefixState>,
+    /// Prompt lengths after which to save the state (lengths the prefix already
+    /// covers, zero and lengths past the prompt are ignored).
+    pub capture: Vec<usize>,
+}
+
+/// A state saved during a prompt's prefill: after its first `tokens` tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Captured {
+    pub request: u64,
+    pub tokens: usize,
+    pub state: Vec<f32>,
+}
+
 /// Token counts of a finished sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Usage {
@@ -126,6 +161,10 @@ struct Group<'m> {
     prompt_logprobs: Vec<Option<TokenLogprob>>,
     seqs: Vec<Seq<'m>>,
     cancelled: bool,
+    /// Applied when the request is admitted.
+    prefix: Option<PrefixState>,
+    /// Prompt lengths still to capture, ascending.
+    capture: Vec<usize>,
 }
 
 /// What one row range of a step's batch is for.
@@ -156,6 +195,7 @@ pub struct Engine<'m> {
     running: Vec<Group<'m>>,
     next_id: u64,
     vocab: usize,
+    captured: Vec<Captured>,
 }
 
 impl<'m> Engine<'m> {
@@ -177,6 +217,7 @@ impl<'m> Engine<'m> {
             waiting: VecDeque::new(),
             running: vec![],
             next_id: 0,
+            captured: vec![],
         })
     }
 
@@ -195,8 +236,23 @@ impl<'m> Engine<'m> {
         !self.waiting.is_empty() || !self.running.is_empty()
     }
 
+    /// The engine's limits.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Values (f32) in one sequence's state: the length of a [`PrefixState`].
+    pub fn state_len(&self) -> usize {
+        self.session.cfg().state_layout().slot_len()
+    }
+
     /// Queue a request; returns its id. Bad input is an error here, never later.
     pub fn add(&mut self, prompt: Vec<u32>, params: RequestParams) -> Result<u64> {
+        self.add_with(prompt, params, AddOptions::default())
+    }
+
+    /// [`add`](Self::add), resuming from a saved prefix state and/or saving states.
+    pub fn add_with(&mut self, prompt: Vec<u32>, params: RequestParams, opts: AddOptions) -> Result<u64> {
         if prompt.is_empty() {
             return Err(Error::Input("the prompt is empty: give at least one token".into()));
         }
@@ -223,6 +279,38 @@ impl<'m> Engine<'m> {
         if params.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
             return Err(Error::Input(format!("logprobs must be at most {MAX_TOP_LOGPROBS}")));
         }
+        let covered = match &opts.prefix {
+            None => 0,
+            Some(p) => {
+                if params.echo {
+                    return Err(Error::Input(
+                        "a saved prefix state cannot be used with echo: echo needs every prompt \
+                         position's logits"
+                            .into(),
+                    ));
+                }
+                if p.tokens == 0 || p.tokens >= prompt.len() {
+                    return Err(Error::Input(format!(
+                        "a saved prefix state must cover 1..{} tokens of a {}-token prompt, not {}",
+                        prompt.len(),
+                        prompt.len(),
+                        p.tokens
+                    )));
+                }
+                if p.state.len() != self.state_len() {
+                    return Err(Error::Input(format!(
+                        "a saved prefix state has {} values, a state of this model has {}",
+                        p.state.len(),
+                        self.state_len()
+                    )));
+                }
+                p.tokens
+            }
+        };
+        let mut capture: Vec<usize> =
+            opts.capture.into_iter().filter(|&c| c > covered && c <= prompt.len()).collect();
+        capture.sort_unstable();
+        capture.dedup();
         let id = self.next_id;
         self.next_id += 1;
         let plen = prompt.len();
@@ -234,8 +322,22 @@ impl<'m> Engine<'m> {
             prompt_logprobs: Vec::with_capacity(plen),
             seqs: vec![],
             cancelled: false,
+            prefix: opts.prefix,
+            capture,
         });
         Ok(id)
+    }
+
+    /// States saved since the last call (see [`AddOptions::capture`]).
+    pub fn take_captured(&mut self) -> Vec<Captured> {
+        std::mem::take(&mut self.captured)
+    }
+
+    /// Cancel every request (waiting or running); they finish at the next step.
+    pub fn cancel_all(&mut self) {
+        for g in self.waiting.iter_mut().chain(self.running.iter_mut()) {
+            g.cancelled = true;
+        }
     }
 
     /// Cancel a request; its slots are freed at the next step. False if unknown or done.
@@ -301,6 +403,16 @@ impl<'m> Engine<'m> {
                 Piece::Prefill { group, start, len, echo_rows, last_row } => {
                     let g = &mut self.running[group];
                     g.prefilled += len;
+                    while let Some(&c) = g.capture.first() {
+                        if c > g.prefilled {
+                            break;
+                        }
+                        g.capture.remove(0);
+                        if c == g.prefilled {
+                            let state = self.session.slot_state(g.seqs[0].slot)?.to_vec();
+                            self.captured.push(Captured { request: g.id, tokens: c, state });
+                        }
+                    }
                     if let Some(first) = echo_rows {
                         if start == 0 {
                             g.prompt_logprobs.push(None);
@@ -408,6 +520,10 @@ impl<'m> Engine<'m> {
                     done: false,
                 });
             }
+            if let Some(p) = g.prefix.take() {
+                self.session.set_slot_state(g.seqs[0].slot, &p.state)?;
+                g.prefilled = p.tokens;
+            }
             self.running.push(g);
         }
         Ok(())
@@ -435,7 +551,9 @@ impl<'m> Engine<'m> {
             if left == 0 || budget == 0 {
                 continue;
             }
-            let len = left.min(budget);
+            // A piece ends at the next capture point, so its state can be saved.
+            let to_capture = g.capture.iter().find(|&&c| c > g.prefilled).map_or(left, |c| c - g.prefilled);
+            let len = left.min(budget).min(to_capture);
             budget -= len;
             let row0 = tokens.len();
             tokens.extend_from_slice(&g.prompt[g.prefilled..g.prefilled + len]);
@@ -518,4 +636,113 @@ fn finish(
         usage: Usage { prompt_tokens, completion_tokens: s.generated.len() },
         error: None,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mamba_core::Sequential;
+
+    fn fixture() -> LoadedModel {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/hf_f32_tied");
+        LoadedModel::load(dir).unwrap()
+    }
+
+    type Out = (Vec<u32>, Vec<TokenLogprob>);
+
+    fn run(e: &mut Engine<'_>, id: u64) -> Out {
+        let mut out: Out = (vec![], vec![]);
+        e.run_to_completion(|ev| {
+            if let Event::Token { request, token, logprob, .. } = ev {
+                assert_eq!(request, id);
+                out.0.push(token);
+                out.1.extend(logprob);
+            }
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn resuming_from_a_captured_prefix_equals_the_cold_run() {
+        let m = fixture();
+        let prompt: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 49 + 1).collect();
+        let params = RequestParams { max_tokens: 8, logprobs: Some(5), ..Default::default() };
+        let cfg = EngineConfig { slots: 3, prefill_chunk: 16, ..Default::default() };
+        let mut e = Engine::new(&m, &Sequential, None, cfg).unwrap();
+        // Cold, no capture.
+        let id = e.add(prompt.clone(), params.clone()).unwrap();
+        let cold = run(&mut e, id);
+        assert!(e.take_captured().is_empty());
+        // Cold with captures: the same result, and the states at the points asked for.
+        let opts = AddOptions { capture: vec![39, 5, 0, 41, 5], ..Default::default() };
+        let id = e.add_with(prompt.clone(), params.clone(), opts).unwrap();
+        assert_eq!(run(&mut e, id), cold, "cutting the prefill at capture points changes nothing");
+        let caps = e.take_captured();
+        assert_eq!(caps.iter().map(|c| c.tokens).collect::<Vec<_>>(), vec![5, 39]);
+        // Each captured state is the state after a plain prefill of that many tokens.
+        let mut s = Session::new(&m, &Sequential, 1).unwrap();
+        for c in &caps {
+            s.reset(0).unwrap();
+            s.prefill(&[&prompt[..c.tokens]], &[0], crate::session::LogitsMode::Last).unwrap();
+            assert_eq!(s.slot_state(0).unwrap(), &c.state[..], "state after {} tokens", c.tokens);
+            assert_eq!(c.request, id);
+        }
+        // Resumed: identical tokens and log-probs, with n > 1 forking from the resumed state.
+        for c in &caps {
+            let prefix = PrefixState { state: c.state.clone().into(), tokens: c.tokens };
+            let opts = AddOptions { prefix: Some(prefix), capture: vec![3, 39] };
+            let id = e.add_with(prompt.clone(), RequestParams { n: 2, ..params.clone() }, opts).unwrap();
+            let mut per: [Out; 2] = Default::default();
+            e.run_to_completion(|ev| {
+                if let Event::Token { request, index, token, logprob, .. } = ev {
+                    assert_eq!(request, id);
+                    per[index as usize].0.push(token);
+                    per[index as usize].1.extend(logprob);
+                }
+            })
+            .unwrap();
+            assert_eq!(per[0], cold, "resumed after {} tokens", c.tokens);
+            assert_eq!(per[1], cold, "forked sample resumed after {} tokens", c.tokens);
+            let again = e.take_captured();
+            let want: Vec<usize> = [39].into_iter().filter(|&k| k > c.tokens).collect();
+            assert_eq!(
+                again.iter().map(|c| c.tokens).collect::<Vec<_>>(),
+                want,
+                "points past the prefix only"
+            );
+        }
+        assert_eq!(e.slot_usage(), (0, 3));
+    }
+
+    #[test]
+    fn bad_prefixes_are_refused_up_front() {
+        let m = fixture();
+        let mut e = Engine::new(&m, &Sequential, None, EngineConfig::default()).unwrap();
+        let good: Arc<[f32]> = vec![0.0; e.state_len()].into();
+        let with = |state: Arc<[f32]>, tokens| AddOptions {
+            prefix: Some(PrefixState { state, tokens }),
+            ..Default::default()
+        };
+        let p = vec![3u32, 4, 5];
+        let cases = [
+            (with(good.clone(), 3), RequestParams::default(), "must cover 1..3"),
+            (with(good.clone(), 0), RequestParams::default(), "must cover"),
+            (with(vec![0.0; 3].into(), 1), RequestParams::default(), "values"),
+            (
+                with(good.clone(), 1),
+                RequestParams { logprobs: Some(1), echo: true, ..Default::default() },
+                "echo",
+            ),
+        ];
+        for (opts, params, want) in cases {
+            let err = e.add_with(p.clone(), params, opts).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+        assert!(!e.has_work());
+        e.add_with(p, RequestParams::default(), with(good, 2)).unwrap();
+        e.cancel_all();
+        e.run_to_completion(|_| {}).unwrap();
+        assert_eq!(e.slot_usage().0, 0);
+    }
 }

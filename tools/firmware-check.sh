@@ -37,11 +37,11 @@ echo "firmware-check: model $model"
 
 echo "firmware-check: building the host CLI"
 (cd "$root" && cargo build --release -p mamba-runtime)
-cli="$root/target/release/mamba-rs"
+cli="${CARGO_TARGET_DIR:-$root/target}/release/mamba-rs"
 
 echo "firmware-check: building the firmware"
 (cd "$fw" && cargo build --release)
-elf="$fw/target/thumbv7em-none-eabihf/release/mamba-firmware"
+elf="${CARGO_TARGET_DIR:-$fw/target}/thumbv7em-none-eabihf/release/mamba-firmware"
 if command -v arm-none-eabi-size >/dev/null; then
     arm-none-eabi-size -A "$elf" | grep -E '^(section|\.vector_table|\.text|\.rodata|\.weights|\.data|\.bss|\.uninit)'
 fi

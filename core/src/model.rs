@@ -27,6 +27,28 @@ pub struct LayerWeights<W> {
     pub out_proj_bias: Option<W>,
 }
 
+impl<W> LayerWeights<W> {
+    /// Every weight of the layer (biases only when present).
+    pub fn each(&self) -> impl Iterator<Item = &W> {
+        [
+            Some(&self.norm),
+            Some(&self.in_proj),
+            self.in_proj_bias.as_ref(),
+            Some(&self.conv_w),
+            self.conv_b.as_ref(),
+            Some(&self.x_proj),
+            Some(&self.dt_proj),
+            Some(&self.dt_bias),
+            Some(&self.a),
+            Some(&self.d),
+            Some(&self.out_proj),
+            self.out_proj_bias.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
 /// A whole model. `layers` is caller storage (a `Vec`, a static array).
 #[derive(Clone, Copy, Debug)]
 pub struct Model<'m, W> {

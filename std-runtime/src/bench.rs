@@ -71,25 +71,7 @@ pub fn decode_bytes_per_token(model: &LoadedModel) -> Result<usize> {
     let v = model.view()?;
     let m = v.model();
     let b = |t: &Tensor<'_>| t.nbytes();
-    let o = |t: &Option<Tensor<'_>>| t.as_ref().map_or(0, b);
-    let layers: usize = m
-        .layers
-        .iter()
-        .map(|l| {
-            b(&l.norm)
-                + b(&l.in_proj)
-                + o(&l.in_proj_bias)
-                + b(&l.conv_w)
-                + o(&l.conv_b)
-                + b(&l.x_proj)
-                + b(&l.dt_proj)
-                + b(&l.dt_bias)
-                + b(&l.a)
-                + b(&l.d)
-                + b(&l.out_proj)
-                + o(&l.out_proj_bias)
-        })
-        .sum();
+    let layers: usize = m.layers.iter().flat_map(|l| l.each()).map(Tensor::nbytes).sum();
     let lookup = if m.lm_head.is_some() { m.embedding.cols * m.embedding.dtype().size() } else { 0 };
     Ok(layers + b(&m.norm_f) + b(m.head()) + lookup)
 }

@@ -208,54 +208,23 @@ impl LoadedModel {
     pub fn parameter_count(&self) -> usize {
         self.view().map_or(0, |v| {
             let m = v.model();
-            let l: usize = m
-                .layers
-                .iter()
-                .map(|l| {
-                    let opt = |t: &Option<Tensor<'_>>| t.map_or(0, |t| t.len());
-                    l.norm.len()
-                        + l.in_proj.len()
-                        + opt(&l.in_proj_bias)
-                        + l.conv_w.len()
-                        + opt(&l.conv_b)
-                        + l.x_proj.len()
-                        + l.dt_proj.len()
-                        + l.dt_bias.len()
-                        + l.a.len()
-                        + l.d.len()
-                        + l.out_proj.len()
-                        + opt(&l.out_proj_bias)
-                })
-                .sum();
-            l + m.embedding.len() + m.norm_f.len() + m.lm_head.map_or(0, |h| h.len())
+            let layers: usize = m.layers.iter().flat_map(|l| l.each()).map(Tensor::len).sum();
+            layers + m.embedding.len() + m.norm_f.len() + m.lm_head.map_or(0, |h| h.len())
         })
     }
 
-    /// Bytes of stored weights read by the model (A counted as its stored A_log).
+    /// Bytes of stored weights (A counted as its stored A_log).
     pub fn weight_bytes(&self) -> usize {
         self.view().map_or(0, |v| {
             let m = v.model();
-            let b = |t: &Tensor<'_>| t.nbytes();
-            let o = |t: &Option<Tensor<'_>>| t.as_ref().map_or(0, b);
-            let l: usize = m
+            let layers: usize = m
                 .layers
                 .iter()
                 .map(|l| {
-                    b(&l.norm)
-                        + b(&l.in_proj)
-                        + o(&l.in_proj_bias)
-                        + b(&l.conv_w)
-                        + o(&l.conv_b)
-                        + b(&l.x_proj)
-                        + b(&l.dt_proj)
-                        + b(&l.dt_bias)
-                        + l.a.len() * self.dtype.size()
-                        + b(&l.d)
-                        + b(&l.out_proj)
-                        + o(&l.out_proj_bias)
+                    l.each().map(Tensor::nbytes).sum::<usize>() - l.a.nbytes() + l.a.len() * self.dtype.size()
                 })
                 .sum();
-            l + b(&m.embedding) + b(&m.norm_f) + o(&m.lm_head)
+            layers + m.embedding.nbytes() + m.norm_f.nbytes() + m.lm_head.map_or(0, |h| h.nbytes())
         })
     }
 

@@ -387,18 +387,7 @@ impl<'m> Engine<'m> {
                 Piece::Decode { group, seq, row: r } => {
                     let g = &mut self.running[group];
                     let s = &mut g.seqs[seq];
-                    let tok = s.sampler.sample_with_history(row(r), self.vocab, &g.prompt, &s.generated);
-                    accept(
-                        &mut self.table,
-                        g.id,
-                        &g.prompt,
-                        &g.params,
-                        s,
-                        tok,
-                        row(r),
-                        self.vocab,
-                        &mut emit,
-                    );
+                    accept(&mut self.table, g.id, &g.prompt, &g.params, s, row(r), self.vocab, &mut emit);
                 }
                 Piece::Prefill { group, start, len, echo_rows, last_row } => {
                     let g = &mut self.running[group];
@@ -444,18 +433,7 @@ impl<'m> Engine<'m> {
                             finish(&mut self.table, g.id, g.prompt.len(), s, FinishReason::Length, &mut emit);
                             continue;
                         }
-                        let tok = s.sampler.sample_with_history(last, self.vocab, &g.prompt, &s.generated);
-                        accept(
-                            &mut self.table,
-                            g.id,
-                            &g.prompt,
-                            &g.params,
-                            s,
-                            tok,
-                            last,
-                            self.vocab,
-                            &mut emit,
-                        );
+                        accept(&mut self.table, g.id, &g.prompt, &g.params, s, last, self.vocab, &mut emit);
                     }
                 }
             }
@@ -583,7 +561,8 @@ impl<'m> Engine<'m> {
     }
 }
 
-/// Take sampled token `tok` for `s`: log-prob, text, stop checks, events.
+/// Sample the next token of `s` from its logits `row`, then its log-prob,
+/// text, stop checks and events.
 #[allow(clippy::too_many_arguments)]
 fn accept(
     table: &mut SlotTable,
@@ -591,11 +570,11 @@ fn accept(
     prompt: &[u32],
     params: &RequestParams,
     s: &mut Seq<'_>,
-    tok: u32,
     row: &[f32],
     vocab: usize,
     emit: &mut impl FnMut(Event),
 ) {
+    let tok = s.sampler.sample_with_history(row, vocab, prompt, &s.generated);
     s.generated.push(tok);
     let logprob = params.logprobs.map(|n| token_logprob(row, vocab, tok, n));
     let piece = match s.decoder.as_mut().map(|d| d.push(tok)) {

@@ -252,3 +252,31 @@ fn a_thousand_requests_with_random_arrival_and_cancellation_lose_nothing() {
     }
     assert!(checked > 30);
 }
+
+#[test]
+fn fork_mid_generation_continues_like_the_parent_without_recomputing() {
+    let t = Truth::load("hf_bf16_untied_sharded");
+    let m = LoadedModel::load(t.dir_str()).unwrap();
+    let p = &t.prompts[2];
+    let mut e = Engine::new(&m, &Sequential, None, EngineConfig { slots: 2, ..Default::default() }).unwrap();
+    let parent = e.add(p.ids.clone(), greedy(12)).unwrap();
+    let mut tokens: HashMap<u64, Vec<u32>> = HashMap::new();
+    fn record(tokens: &mut HashMap<u64, Vec<u32>>, ev: Event) {
+        if let Event::Token { request, token, .. } = ev {
+            tokens.entry(request).or_default().push(token);
+        }
+    }
+    while tokens.get(&parent).map_or(0, Vec::len) < 4 {
+        e.step(|ev| record(&mut tokens, ev)).unwrap();
+    }
+    let child = e.fork(parent, 0, greedy(8)).unwrap();
+    assert_eq!(e.slot_usage(), (2, 0));
+    // A third sequence does not fit: a clear error, nothing changes.
+    let err = e.fork(parent, 0, greedy(8)).unwrap_err().to_string();
+    assert!(err.contains("state slots are in use"), "{err}");
+    e.run_to_completion(|ev| record(&mut tokens, ev)).unwrap();
+    assert_eq!(tokens[&parent], p.greedy);
+    assert_eq!(tokens[&child], p.greedy[4..], "the fork continues exactly where the parent was");
+    assert_eq!(e.slot_usage(), (0, 2));
+    assert!(e.fork(parent, 0, greedy(1)).is_err(), "a finished request cannot be forked");
+}

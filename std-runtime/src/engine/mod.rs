@@ -340,6 +340,64 @@ impl<'m> Engine<'m> {
         }
     }
 
+    /// Fork sample `index` of running request `id` into a new request that
+    /// continues from the same point: the state slot is copied, nothing is
+    /// recomputed. The child's prompt is the parent's context so far (prompt
+    /// and generated tokens); `params` (with `n` = 1) gives its sampling and
+    /// limits, counted from the fork. Needs a free slot now: when none is,
+    /// the error says so and nothing changes.
+    pub fn fork(&mut self, id: u64, index: u32, params: RequestParams) -> Result<u64> {
+        params.sampling.validate().map_err(Error::Input)?;
+        if params.n != 1 {
+            return Err(Error::Input("a fork is one sequence: n must be 1".into()));
+        }
+        let g = self
+            .running
+            .iter()
+            .find(|g| g.id == id && !g.cancelled)
+            .ok_or_else(|| Error::Input(format!("request {id} is not running")))?;
+        let s = g
+            .seqs
+            .get(index as usize)
+            .filter(|s| !s.done)
+            .ok_or_else(|| Error::Input(format!("request {id} has no running sample {index}")))?;
+        let Some(pending) = s.pending else {
+            return Err(Error::Input(format!(
+                "request {id} has produced no token yet: fork after its first"
+            )));
+        };
+        let mut context = g.prompt.clone();
+        context.extend_from_slice(&s.generated);
+        let parent_slot = s.slot;
+        let child = self.next_id;
+        let slot = self.table.claim((child, 0)).map_err(|e| Error::Input(e.to_string()))?;
+        self.next_id += 1;
+        self.session.copy_slot(parent_slot, slot)?;
+        let seq = Seq {
+            index: 0,
+            slot,
+            sampler: Sampler::new(params.sampling.clone()),
+            generated: vec![],
+            // The parent's last token is not in the state yet: both feed it next.
+            pending: Some(pending),
+            decoder: self.tok.map(|t| StreamDecoder::new(t, &context)),
+            stop_text: StopText::new(params.stop.clone()),
+            done: false,
+        };
+        self.running.push(Group {
+            id: child,
+            prefilled: context.len(),
+            prompt: context,
+            params,
+            prompt_logprobs: vec![],
+            seqs: vec![seq],
+            cancelled: false,
+            prefix: None,
+            capture: vec![],
+        });
+        Ok(child)
+    }
+
     /// Cancel a request; its slots are freed at the next step. False if unknown or done.
     pub fn cancel(&mut self, id: u64) -> bool {
         let g = self.waiting.iter_mut().chain(self.running.iter_mut()).find(|g| g.id == id);

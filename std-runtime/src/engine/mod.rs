@@ -413,15 +413,21 @@ impl<'m> Engine<'m> {
             return Ok(());
         }
         let v = self.session.cfg().vocab_size;
-        let logits = match self.session.forward(&tokens, &offsets, &slots, &rows) {
-            Ok(l) => l.to_vec(),
+        // The logits stay in the session's scratch (no copy): the loop below
+        // only reads them, and the state work it implies (captures, forks)
+        // is done after it.
+        let Engine { session, table, running, captured, vocab, .. } = self;
+        let vocab = *vocab;
+        let (mut captures, mut forks) = (vec![], vec![]);
+        let logits = match session.forward(&tokens, &offsets, &slots, &rows) {
+            Ok(l) => l,
             Err(e) => {
                 // Fail the requests of this batch, keep the engine going.
                 let msg = e.to_string();
-                for g in &mut self.running {
+                for g in running.iter_mut() {
                     for s in g.seqs.iter_mut().filter(|s| !s.done) {
                         s.done = true;
-                        self.table.release((g.id, s.index));
+                        table.release((g.id, s.index));
                         emit(Event::Finished {
                             request: g.id,
                             index: s.index,
@@ -435,7 +441,7 @@ impl<'m> Engine<'m> {
                         });
                     }
                 }
-                self.running.clear();
+                running.clear();
                 return Ok(());
             }
         };
@@ -443,12 +449,12 @@ impl<'m> Engine<'m> {
         for p in pieces {
             match p {
                 Piece::Decode { group, seq, row: r } => {
-                    let g = &mut self.running[group];
+                    let g = &mut running[group];
                     let s = &mut g.seqs[seq];
-                    accept(&mut self.table, g.id, &g.prompt, &g.params, s, row(r), self.vocab, &mut emit);
+                    accept(table, g.id, &g.prompt, &g.params, s, row(r), vocab, &mut emit);
                 }
                 Piece::Prefill { group, start, len, echo_rows, last_row } => {
-                    let g = &mut self.running[group];
+                    let g = &mut running[group];
                     g.prefilled += len;
                     while let Some(&c) = g.capture.first() {
                         if c > g.prefilled {
@@ -456,8 +462,7 @@ impl<'m> Engine<'m> {
                         }
                         g.capture.remove(0);
                         if c == g.prefilled {
-                            let state = self.session.slot_state(g.seqs[0].slot)?.to_vec();
-                            self.captured.push(Captured { request: g.id, tokens: c, state });
+                            captures.push((g.id, c, g.seqs[0].slot));
                         }
                     }
                     if let Some(first) = echo_rows {
@@ -468,7 +473,7 @@ impl<'m> Engine<'m> {
                         for k in 0..len {
                             let next = start + k + 1;
                             if next < g.prompt.len() {
-                                let lp = token_logprob(row(first + k), self.vocab, g.prompt[next], top);
+                                let lp = token_logprob(row(first + k), vocab, g.prompt[next], top);
                                 g.prompt_logprobs.push(Some(lp));
                             }
                         }
@@ -482,19 +487,25 @@ impl<'m> Engine<'m> {
                     }
                     // Fork: every other sample starts from the prompt's state.
                     let parent = g.seqs[0].slot;
-                    for s in &g.seqs[1..] {
-                        self.session.copy_slot(parent, s.slot)?;
-                    }
+                    forks.extend(g.seqs[1..].iter().map(|s| (parent, s.slot)));
                     let last = row(last_row);
                     for s in &mut g.seqs {
                         if g.params.max_tokens == 0 {
-                            finish(&mut self.table, g.id, g.prompt.len(), s, FinishReason::Length, &mut emit);
+                            finish(table, g.id, g.prompt.len(), s, FinishReason::Length, &mut emit);
                             continue;
                         }
-                        accept(&mut self.table, g.id, &g.prompt, &g.params, s, last, self.vocab, &mut emit);
+                        accept(table, g.id, &g.prompt, &g.params, s, last, vocab, &mut emit);
                     }
                 }
             }
+        }
+        // Nothing above changed a state: these see the states this forward left.
+        for (request, tokens, slot) in captures {
+            let state = session.slot_state(slot)?.to_vec();
+            captured.push(Captured { request, tokens, state });
+        }
+        for (parent, child) in forks {
+            session.copy_slot(parent, child)?;
         }
         self.running.retain(|g| g.seqs.iter().any(|s| !s.done));
         Ok(())

@@ -72,8 +72,7 @@ impl TensorStore {
     /// Open the weights of `dir`: `model.safetensors.index.json`, else
     /// `model.safetensors`, else any single `*.safetensors`, else `pytorch_model.bin`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let mut store =
-            TensorStore { dir: dir.to_path_buf(), backings: vec![], entries: HashMap::new(), files: vec![] };
+        let mut store = TensorStore::empty(dir);
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let bin = dir.join("pytorch_model.bin");
@@ -97,50 +96,12 @@ impl TensorStore {
         Ok(store)
     }
 
-    /// A store over tensors held in memory: `(name, dtype, shape, little-endian bytes)`.
-    /// `origin` names where they came from, for messages.
-    pub fn from_tensors(origin: &Path, tensors: Vec<(String, DType, Vec<usize>, Vec<u8>)>) -> Result<Self> {
-        let mut store = TensorStore {
-            dir: origin.to_path_buf(),
-            backings: vec![],
-            entries: HashMap::new(),
-            files: vec![],
-        };
-        for (name, dtype, shape, bytes) in tensors {
-            let want = shape.iter().product::<usize>() * dtype.size();
-            if bytes.len() != want {
-                return Err(Error::TensorShape {
-                    name,
-                    file: origin.to_path_buf(),
-                    expected: shape,
-                    got: vec![bytes.len() / dtype.size()],
-                });
-            }
-            let entry = Entry {
-                dtype: Ok(dtype),
-                shape,
-                backing: store.backings.len(),
-                start: 0,
-                len: bytes.len(),
-                file: origin.to_path_buf(),
-            };
-            store.entries.insert(name, entry);
-            store.backings.push(Backing::owned(&bytes));
-        }
-        Ok(store)
-    }
-
-    /// Like [`from_tensors`](Self::from_tensors), but each tensor's bytes come
-    /// already in 8-byte aligned words (`ceil(bytes / 8)` of them, little-endian
+    /// A store over tensors held in memory, `(name, dtype, shape, words)`: each
+    /// tensor's little-endian bytes come in 8-byte aligned words (`ceil(bytes / 8)` of them, little-endian
     /// bytes in memory order, the tail of the last word unused) and are kept
     /// as they are, without a copy.
     pub fn from_words(origin: &Path, tensors: Vec<(String, DType, Vec<usize>, Vec<u64>)>) -> Result<Self> {
-        let mut store = TensorStore {
-            dir: origin.to_path_buf(),
-            backings: vec![],
-            entries: HashMap::new(),
-            files: vec![],
-        };
+        let mut store = TensorStore::empty(origin);
         for (name, dtype, shape, words) in tensors {
             let len = shape.iter().product::<usize>() * dtype.size();
             if words.len() != len.div_ceil(8) {
@@ -151,18 +112,28 @@ impl TensorStore {
                     got: vec![words.len() * 8 / dtype.size()],
                 });
             }
-            let entry = Entry {
-                dtype: Ok(dtype),
-                shape,
-                backing: store.backings.len(),
-                start: 0,
-                len,
-                file: origin.to_path_buf(),
-            };
-            store.entries.insert(name, entry);
-            store.backings.push(Backing::Owned(words, len));
+            store.push_whole(name, dtype, shape, Backing::Owned(words, len), origin);
         }
         Ok(store)
+    }
+
+    fn empty(dir: &Path) -> Self {
+        TensorStore { dir: dir.to_path_buf(), backings: vec![], entries: HashMap::new(), files: vec![] }
+    }
+
+    /// Add a tensor that is the whole of its own backing.
+    fn push_whole(&mut self, name: String, dtype: DType, shape: Vec<usize>, backing: Backing, file: &Path) {
+        let len = backing.bytes().len();
+        let entry = Entry {
+            dtype: Ok(dtype),
+            shape,
+            backing: self.backings.len(),
+            start: 0,
+            len,
+            file: file.to_path_buf(),
+        };
+        self.entries.insert(name, entry);
+        self.backings.push(backing);
     }
 
     fn add_safetensors(&mut self, path: &Path) -> Result<()> {
@@ -226,19 +197,7 @@ impl TensorStore {
                 TorchDType::F16 => DType::F16,
                 TorchDType::BF16 => DType::BF16,
             };
-            let len = t.data.len();
-            self.entries.insert(
-                t.name,
-                Entry {
-                    dtype: Ok(dtype),
-                    shape: t.shape,
-                    backing: self.backings.len(),
-                    start: 0,
-                    len,
-                    file: path.to_path_buf(),
-                },
-            );
-            self.backings.push(Backing::owned(&t.data));
+            self.push_whole(t.name, dtype, t.shape, Backing::owned(&t.data), path);
         }
         self.files.push(path.to_path_buf());
         Ok(())

@@ -99,11 +99,13 @@ fn reason_str(r: Option<FinishReason>) -> Value {
 }
 
 /// A failed choice makes the whole (non-streaming) request a 500.
-fn failed(job: &Job) -> Option<ApiError> {
-    job.choices
-        .iter()
-        .find(|c| c.finish == Some(FinishReason::Error))
-        .map(|c| ApiError::internal(c.error.clone().unwrap_or_else(|| "generation failed".into())))
+/// Run a non-streamed job to its end; an error when any of its choices failed.
+async fn run_to_end(job: &mut Job) -> Result<(), ApiError> {
+    job.finish().await;
+    match job.choices.iter().find(|c| c.finish == Some(FinishReason::Error)) {
+        Some(c) => Err(ApiError::internal(c.error.clone().unwrap_or_else(|| "generation failed".into()))),
+        None => Ok(()),
+    }
 }
 
 // ---------------------------------------------------------------- prompts
@@ -335,10 +337,7 @@ async fn completions_inner(
             meta,
         ));
     }
-    job.finish().await;
-    if let Some(e) = failed(&job) {
-        return Err(e);
-    }
+    run_to_end(&mut job).await?;
     let choices: Vec<Value> = job
         .choices
         .iter()
@@ -567,10 +566,7 @@ async fn chat_inner(app: Arc<Shared>, body: Result<Bytes, BytesRejection>) -> Re
     if c.stream {
         return Ok(sse(job, ChatStream { meta_chunk: meta.clone(), logprobs: want_logprobs }, meta));
     }
-    job.finish().await;
-    if let Some(e) = failed(&job) {
-        return Err(e);
-    }
+    run_to_end(&mut job).await?;
     let choices: Vec<Value> = job
         .choices
         .iter()

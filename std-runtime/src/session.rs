@@ -6,7 +6,7 @@
 //! sequence length). A prefill longer than `chunk_tokens` runs in pieces
 //! that carry the state, so prompts of any length fit a fixed scratch.
 
-use mamba_core::{driver, CpuBackend, MambaConfig, Parallel, Ragged, ScratchPlan, StateLayout};
+use mamba_core::{driver, CpuBackend, MambaConfig, Parallel, Ragged, Scratch, ScratchPlan, StateLayout};
 
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, ModelView};
@@ -224,10 +224,7 @@ impl<'m> Session<'m> {
     fn run_prefill(&mut self, tokens: &[u32], batch: Ragged<'_>, logit_rows: &[usize]) -> Result<&[f32]> {
         let cfg = self.model.cfg;
         let plan = ScratchPlan::new(&cfg, tokens.len(), logit_rows.len());
-        if self.scratch.len() < plan.total() {
-            self.scratch.resize(plan.total(), 0.0);
-        }
-        let mut s = plan.split(&mut self.scratch)?;
+        let mut s = scratch_for(&mut self.scratch, &plan)?;
         let ops = CpuBackend::new(self.par);
         driver::prefill(&ops, &self.view.model(), tokens, batch, logit_rows, &mut self.states, &mut s)?;
         let n = logit_rows.len() * cfg.vocab_size;
@@ -244,14 +241,19 @@ impl<'m> Session<'m> {
         self.check_tokens(tokens, |i| format!("step of sequence {i} (state slot {})", slots[i]))?;
         let cfg = self.model.cfg;
         let plan = ScratchPlan::new(&cfg, tokens.len(), tokens.len());
-        if self.scratch.len() < plan.total() {
-            self.scratch.resize(plan.total(), 0.0);
-        }
-        let mut s = plan.split(&mut self.scratch)?;
+        let mut s = scratch_for(&mut self.scratch, &plan)?;
         let ops = CpuBackend::new(self.par);
         driver::step(&ops, &self.view.model(), tokens, slots, &mut self.states, &mut s)?;
         Ok(&s.logits[..tokens.len() * cfg.vocab_size])
     }
+}
+
+/// The session's scratch, grown (never shrunk) to fit `plan`, cut into its buffers.
+fn scratch_for<'s>(buf: &'s mut Vec<f32>, plan: &ScratchPlan) -> Result<Scratch<'s, [f32]>> {
+    if buf.len() < plan.total() {
+        buf.resize(plan.total(), 0.0);
+    }
+    Ok(plan.split(buf)?)
 }
 
 /// Lower-level entry points for a scheduler that plans its own batches.

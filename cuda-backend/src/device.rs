@@ -1,0 +1,215 @@
+//! The backend object: one device, one stream, the loaded kernels, a cuBLAS
+//! handle, and the small host-to-device uploads every operation needs.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+
+use crate::compile::{self, KERNEL_FILES};
+use crate::error::{CudaError, Result};
+use crate::gemm::Blas;
+use crate::probe::{self, Lib};
+
+/// One kernel argument: a device address or a scalar.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg {
+    Ptr(u64),
+    U32(u32),
+    U64(u64),
+    F32(f32),
+}
+
+/// Host values copied to a device buffer that is reused while the values
+/// stay the same (a ragged batch's descriptor is read by every layer).
+#[derive(Default)]
+pub(crate) struct Upload {
+    host: Vec<u32>,
+    dev: Option<CudaSlice<u32>>,
+}
+
+impl Upload {
+    /// The device address of `data`, copying it only when it changed.
+    pub(crate) fn put(&mut self, stream: &Arc<CudaStream>, data: &[u32]) -> Result<u64> {
+        let fits = self.dev.as_ref().is_some_and(|d| d.len() >= data.len().max(1));
+        if fits && self.host == data {
+            return Ok(self.ptr(stream));
+        }
+        if !fits {
+            let cap = data.len().max(64).next_power_of_two();
+            // SAFETY: u32 needs no initialisation; the prefix is written below before any kernel reads it.
+            #[allow(unsafe_code)]
+            let d = unsafe { stream.alloc::<u32>(cap) }
+                .map_err(CudaError::driver("allocating an upload buffer"))?;
+            self.dev = Some(d);
+        }
+        if let Some(dev) = self.dev.as_mut() {
+            if !data.is_empty() {
+                let mut view = dev.slice_mut(..data.len());
+                stream.memcpy_htod(data, &mut view).map_err(CudaError::driver("uploading batch indices"))?;
+            }
+        }
+        self.host.clear();
+        self.host.extend_from_slice(data);
+        Ok(self.ptr(stream))
+    }
+
+    fn ptr(&self, stream: &CudaStream) -> u64 {
+        self.dev.as_ref().map_or(0, |d| d.device_ptr(stream).0)
+    }
+}
+
+/// A growable device scratch of `T` for one operation's temporaries.
+pub(crate) struct Temp<T> {
+    dev: Option<CudaSlice<T>>,
+}
+
+impl<T: cudarc::driver::DeviceRepr> Temp<T> {
+    pub(crate) fn new() -> Self {
+        Temp { dev: None }
+    }
+    /// The address of at least `n` values (contents undefined).
+    pub(crate) fn at_least(&mut self, stream: &Arc<CudaStream>, n: usize) -> Result<u64> {
+        if self.dev.as_ref().is_none_or(|d| d.len() < n) {
+            self.dev = None; // free first: the old one may be large
+                             // SAFETY: callers write every element they later read.
+            #[allow(unsafe_code)]
+            let d =
+                unsafe { stream.alloc::<T>(n.max(1)) }.map_err(CudaError::driver("allocating scratch"))?;
+            self.dev = Some(d);
+        }
+        Ok(self.dev.as_ref().map_or(0, |d| d.device_ptr(stream).0))
+    }
+}
+
+/// The CUDA backend for one device. Not `Sync`: one thread drives a device.
+pub struct CudaBackend {
+    // Dropped first: the cuBLAS handle is bound to the stream.
+    pub(crate) blas: Blas,
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    funcs: HashMap<&'static str, CudaFunction>,
+    arch: String,
+    name: String,
+    pub(crate) ids: RefCell<Upload>,
+    pub(crate) rows: RefCell<Upload>,
+    pub(crate) batch: RefCell<Upload>,
+    pub(crate) half_x: RefCell<Temp<u16>>,
+    pub(crate) parts: RefCell<Temp<f32>>,
+    /// Half-precision weights: cut f32 activations into two half parts (hi + lo)
+    /// for cuBLAS so only the weights' own rounding remains (default), or round
+    /// them once (`false`: half the GEMM columns, bf16-level activation error).
+    pub split_activations: bool,
+}
+
+impl CudaBackend {
+    /// Open device `index`: load the driver, create a context and a stream,
+    /// compile (or fetch from the cache) every kernel for the device's
+    /// architecture, and create a cuBLAS handle. Errors, never panics, when
+    /// CUDA, NVRTC, cuBLAS or the device is missing.
+    pub fn new(index: usize) -> Result<Self> {
+        probe::require(Lib::Driver)?;
+        probe::require(Lib::Nvrtc)?;
+        probe::require(Lib::Cublas)?;
+        probe::guarded("opening the device", || Self::open(index))
+    }
+
+    fn open(index: usize) -> Result<Self> {
+        let count = CudaContext::device_count().map_err(CudaError::driver("counting devices"))?;
+        if index >= count.max(0) as usize {
+            return Err(CudaError::NoDevice { index, why: format!("the driver sees {count} device(s)") });
+        }
+        let ctx = CudaContext::new(index).map_err(|e| CudaError::NoDevice { index, why: e.to_string() })?;
+        // One stream orders everything: cudarc's per-buffer event tracking is not needed.
+        // SAFETY: no other stream of this context touches our buffers.
+        #[allow(unsafe_code)]
+        unsafe {
+            ctx.disable_event_tracking()
+        };
+        let stream = ctx.new_stream().map_err(CudaError::driver("creating a stream"))?;
+        let (major, minor) =
+            ctx.compute_capability().map_err(CudaError::driver("reading the architecture"))?;
+        let arch = format!("sm_{major}{minor}");
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let mut funcs = HashMap::new();
+        for file in KERNEL_FILES {
+            let cubin = compile::cubin(file, &arch)?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                .map_err(CudaError::driver("loading a kernel module"))?;
+            for &f in file.functions {
+                let func = module.load_function(f).map_err(CudaError::driver("finding a kernel"))?;
+                funcs.insert(f, func);
+            }
+        }
+        let blas = Blas::new(&stream)?;
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            funcs,
+            arch,
+            name,
+            ids: RefCell::default(),
+            rows: RefCell::default(),
+            batch: RefCell::default(),
+            half_x: RefCell::new(Temp::new()),
+            parts: RefCell::new(Temp::new()),
+            split_activations: true,
+        })
+    }
+
+    /// The device's name, e.g. "NVIDIA H200".
+    pub fn device_name(&self) -> &str {
+        &self.name
+    }
+    /// The architecture kernels were compiled for, e.g. `sm_90`.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+    /// The stream every operation runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// `(free, total)` device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(CudaError::driver("reading free memory"))
+    }
+    /// Wait for all queued work; surfaces errors of earlier launches.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(CudaError::driver("waiting for the device"))
+    }
+
+    /// Launch kernel `name` over `grid` x `block` threads.
+    pub(crate) fn launch(&self, name: &'static str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
+        if grid == 0 {
+            return Ok(());
+        }
+        let f =
+            self.funcs.get(name).ok_or_else(|| CudaError::Input(format!("kernel `{name}` is not loaded")))?;
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::Ptr(v) | Arg::U64(v) => b.arg(v),
+                Arg::U32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: every kernel's parameter list is matched by its caller in ops.rs
+        // (addresses as u64, sizes as u32/u64), and callers check buffer sizes first.
+        #[allow(unsafe_code)]
+        unsafe { b.launch(cfg) }.map_err(CudaError::driver(name))?;
+        Ok(())
+    }
+
+    /// Launch an element-wise kernel over `n` items with a grid-stride loop.
+    pub(crate) fn launch_elems(&self, name: &'static str, n: u64, args: &[Arg]) -> Result<()> {
+        const BLOCK: u32 = 256;
+        let blocks = n.div_ceil(BLOCK as u64).min(1 << 16) as u32;
+        self.launch(name, blocks, BLOCK, args)
+    }
+}

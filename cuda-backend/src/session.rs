@@ -1,0 +1,424 @@
+//! Running a model on the device: a pool of state slots in device memory,
+//! chunked ragged prefill and batched steps, mirroring the CPU runtime's
+//! `Session` (std-runtime/src/session.rs) so the runtime can swap one for
+//! the other.
+
+use cudarc::driver::DevicePtr;
+use mamba_core::{driver, CoreError, MambaConfig, Model, Ragged, Scratch, ScratchPlan, StateLayout, Tensor};
+
+use crate::buf::DeviceBuf;
+use crate::device::{Arg, CudaBackend, Temp};
+use crate::error::{CudaError, Result};
+use crate::model::DeviceModel;
+
+/// Which logits a prefill returns for each sequence (as the CPU runtime's `LogitsMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// Only the last position's row.
+    Last,
+    /// One row per position.
+    All,
+    /// The rows of the last `n` positions (fewer when the sequence is shorter).
+    LastN(usize),
+}
+
+impl LogitsMode {
+    fn first_kept(self, len: usize) -> usize {
+        match self {
+            LogitsMode::Last => len - 1,
+            LogitsMode::All => 0,
+            LogitsMode::LastN(n) => len.saturating_sub(n),
+        }
+    }
+}
+
+/// Default prefill chunk (tokens of all sequences together).
+pub const DEFAULT_CHUNK_TOKENS: usize = 2048;
+
+/// The nine scratch buffers of [`mamba_core::Scratch`], grown on demand.
+#[derive(Default)]
+struct DeviceScratch {
+    bufs: Vec<DeviceBuf>,
+}
+
+impl DeviceScratch {
+    fn fit(&mut self, backend: &CudaBackend, plan: &ScratchPlan) -> Result<Scratch<'_, DeviceBuf>> {
+        let need = [
+            plan.residual,
+            plan.normed,
+            plan.xz,
+            plan.xc,
+            plan.dbc,
+            plan.dt,
+            plan.y,
+            plan.head_in,
+            plan.logits,
+        ];
+        if self.bufs.len() != need.len() {
+            self.bufs.clear();
+        }
+        for (i, &n) in need.iter().enumerate() {
+            if self.bufs.get(i).is_none_or(|b| b.len() < n.max(1)) {
+                let data = backend
+                    .stream
+                    .alloc_zeros::<f32>(n.max(1))
+                    .map_err(CudaError::driver("allocating scratch"))?;
+                let b = DeviceBuf { data };
+                if i < self.bufs.len() {
+                    self.bufs[i] = b;
+                } else {
+                    self.bufs.push(b);
+                }
+            }
+        }
+        let [residual, normed, xz, xc, dbc, dt, y, head_in, logits] = &mut self.bufs[..] else {
+            return Err(CudaError::Input("scratch has the wrong number of buffers".into()));
+        };
+        Ok(Scratch { residual, normed, xz, xc, dbc, dt, y, head_in, logits })
+    }
+}
+
+/// A model on the device with its state slots and scratch, ready to run.
+pub struct CudaSession {
+    backend: CudaBackend,
+    model: DeviceModel,
+    states: DeviceBuf,
+    layout: StateLayout,
+    scratch: DeviceScratch,
+    ids: Temp<u32>,
+    /// Tokens per prefill chunk (all sequences of the chunk together).
+    pub chunk_tokens: usize,
+}
+
+/// Slots that fit in `budget` bytes, or, without a budget, in 90% of the
+/// device's free memory after `reserve` bytes (scratch and cuBLAS workspace).
+pub fn slots_for_memory(
+    backend: &CudaBackend,
+    cfg: &MambaConfig,
+    budget: Option<usize>,
+    reserve: usize,
+) -> Result<usize> {
+    let per = cfg.footprint().state_bytes_per_seq().max(1);
+    let bytes = match budget {
+        Some(b) => b,
+        None => backend.memory()?.0.saturating_sub(reserve) / 10 * 9,
+    };
+    Ok(bytes / per)
+}
+
+impl CudaSession {
+    /// Upload `model` and allocate `n_slots` zeroed state slots.
+    pub fn new(backend: CudaBackend, model: &Model<'_, Tensor<'_>>, n_slots: usize) -> Result<Self> {
+        let model = DeviceModel::upload(&backend, model)?;
+        Self::with_model(backend, model, n_slots)
+    }
+
+    /// A session over an already uploaded model.
+    pub fn with_model(backend: CudaBackend, model: DeviceModel, n_slots: usize) -> Result<Self> {
+        let layout = model.cfg.state_layout();
+        let len = n_slots.checked_mul(layout.slot_len()).ok_or_else(|| {
+            CudaError::Input(format!(
+                "{n_slots} state slots of {} bytes each are too many",
+                layout.slot_bytes()
+            ))
+        })?;
+        if n_slots == 0 {
+            return Err(CudaError::Input("a session needs at least one state slot".into()));
+        }
+        let data = backend.stream.alloc_zeros::<f32>(len).map_err(|e| {
+            CudaError::Input(format!(
+                "cannot allocate {n_slots} state slots ({} bytes) on the device: {e}",
+                len * 4
+            ))
+        })?;
+        Ok(CudaSession {
+            backend,
+            model,
+            states: DeviceBuf { data },
+            layout,
+            scratch: DeviceScratch::default(),
+            ids: Temp::new(),
+            chunk_tokens: DEFAULT_CHUNK_TOKENS,
+        })
+    }
+
+    pub fn cfg(&self) -> &MambaConfig {
+        &self.model.cfg
+    }
+    pub fn backend(&self) -> &CudaBackend {
+        &self.backend
+    }
+    pub fn backend_mut(&mut self) -> &mut CudaBackend {
+        &mut self.backend
+    }
+    pub fn model(&self) -> &DeviceModel {
+        &self.model
+    }
+    /// Number of state slots.
+    pub fn slots(&self) -> usize {
+        self.layout.slots_in(self.states.len())
+    }
+
+    fn slot_range(&self, slot: usize) -> Result<std::ops::Range<usize>> {
+        if slot >= self.slots() {
+            return Err(CoreError::SlotOutOfRange { slot, slots: self.slots() }.into());
+        }
+        let start = slot * self.layout.slot_len();
+        Ok(start..start + self.layout.slot_len())
+    }
+
+    /// Zero a slot (a fresh sequence).
+    pub fn reset(&mut self, slot: usize) -> Result<()> {
+        let r = self.slot_range(slot)?;
+        let mut view = self.states.data.slice_mut(r);
+        self.backend.stream.memset_zeros(&mut view).map_err(CudaError::driver("zeroing a slot"))
+    }
+
+    /// Copy `len` values at `offset` of the state pool to the host.
+    fn read_states(&self, offset: usize, len: usize) -> Result<Vec<f32>> {
+        let mut host = vec![0.0f32; len];
+        let view = self.states.data.slice(offset..offset + len);
+        self.backend.stream.memcpy_dtoh(&view, &mut host).map_err(CudaError::driver("reading states"))?;
+        self.backend.synchronize()?;
+        Ok(host)
+    }
+
+    /// A whole slot's state, copied to the host.
+    pub fn slot_state(&self, slot: usize) -> Result<Vec<f32>> {
+        let r = self.slot_range(slot)?;
+        self.read_states(r.start, r.len())
+    }
+
+    /// Conv state of `(slot, layer)`: `[d_inner, d_conv]`, newest input last.
+    pub fn conv_state(&self, slot: usize, layer: usize) -> Result<Vec<f32>> {
+        self.slot_range(slot)?;
+        self.read_states(self.layout.conv_offset(slot, layer), self.layout.conv_len())
+    }
+
+    /// SSM state of `(slot, layer)`: `[d_inner, d_state]`.
+    pub fn ssm_state(&self, slot: usize, layer: usize) -> Result<Vec<f32>> {
+        self.slot_range(slot)?;
+        self.read_states(self.layout.ssm_offset(slot, layer), self.layout.ssm_len())
+    }
+
+    /// Overwrite a slot's state with a saved one.
+    pub fn set_slot_state(&mut self, slot: usize, state: &[f32]) -> Result<()> {
+        let r = self.slot_range(slot)?;
+        if state.len() != r.len() {
+            return Err(CudaError::Input(format!(
+                "a state has {} values, a slot needs {}",
+                state.len(),
+                r.len()
+            )));
+        }
+        let mut view = self.states.data.slice_mut(r);
+        self.backend.stream.memcpy_htod(state, &mut view).map_err(CudaError::driver("writing a slot"))
+    }
+
+    /// Copy slot `src`'s state into slot `dst` (fork a sequence).
+    pub fn copy_slot(&mut self, src: usize, dst: usize) -> Result<()> {
+        let (s, d) = (self.slot_range(src)?, self.slot_range(dst)?);
+        if s == d {
+            return Ok(());
+        }
+        let st = &self.backend.stream;
+        let base = self.states.data.device_ptr(st).0;
+        // SAFETY: both ranges are inside the pool (checked) and do not overlap (distinct slots).
+        #[allow(unsafe_code)]
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                base + 4 * d.start as u64,
+                base + 4 * s.start as u64,
+                4 * s.len(),
+                st.cu_stream(),
+            )
+        }
+        .map_err(CudaError::driver("copying a slot"))
+    }
+
+    fn check_slots(&self, slots: &[usize]) -> Result<()> {
+        for (i, &s) in slots.iter().enumerate() {
+            self.slot_range(s)?;
+            if let Some(j) = slots[..i].iter().position(|&o| o == s) {
+                return Err(CudaError::Input(format!(
+                    "state slot {s} appears twice in one batch (sequences {j} and {i})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_tokens(&self, tokens: &[u32], whose: impl Fn(usize) -> String) -> Result<()> {
+        let vocab = self.model.cfg.vocab_size;
+        match tokens.iter().position(|&t| t as usize >= vocab) {
+            Some(i) => Err(CudaError::Input(format!(
+                "{}: token id {} is out of range: the model's vocabulary has {vocab} entries (0..{})",
+                whose(i),
+                tokens[i],
+                vocab - 1
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Prefill `seqs[i]` into `slots[i]`, continuing whatever state the slot
+    /// holds, as one ragged batch cut into chunks of at most `chunk_tokens`.
+    /// Returns per sequence its logits rows, flat `[rows, vocab_size]`.
+    pub fn prefill(&mut self, seqs: &[&[u32]], slots: &[usize], mode: LogitsMode) -> Result<Vec<Vec<f32>>> {
+        if seqs.len() != slots.len() {
+            return Err(CudaError::Input(format!(
+                "{} sequences but {} slots: one slot is needed per sequence",
+                seqs.len(),
+                slots.len()
+            )));
+        }
+        self.check_slots(slots)?;
+        for (i, s) in seqs.iter().enumerate() {
+            if s.is_empty() {
+                return Err(CudaError::Input(format!("sequence {i} is empty")));
+            }
+            self.check_tokens(s, |p| format!("sequence {i}, position {p}"))?;
+        }
+        let vocab = self.model.cfg.vocab_size;
+        let mut out: Vec<Vec<f32>> =
+            seqs.iter().map(|s| Vec::with_capacity(vocab * (s.len() - mode.first_kept(s.len())))).collect();
+        let mut done = vec![0usize; seqs.len()];
+        let chunk = self.chunk_tokens.max(1);
+        loop {
+            // One chunk: a piece of every unfinished sequence, in order.
+            let (mut tokens, mut offsets, mut chunk_slots, mut members) = (vec![], vec![0], vec![], vec![]);
+            let mut logit_rows = vec![];
+            for (i, s) in seqs.iter().enumerate() {
+                let room = chunk - tokens.len();
+                if room == 0 {
+                    break;
+                }
+                let take = (s.len() - done[i]).min(room);
+                if take == 0 {
+                    continue;
+                }
+                let row0 = tokens.len();
+                tokens.extend_from_slice(&s[done[i]..done[i] + take]);
+                done[i] += take;
+                let keep_from = mode.first_kept(s.len()).max(done[i] - take);
+                logit_rows.extend((keep_from..done[i]).map(|p| row0 + p - (done[i] - take)));
+                offsets.push(tokens.len());
+                chunk_slots.push(slots[i]);
+                members.push((i, row0, take));
+            }
+            if tokens.is_empty() {
+                break;
+            }
+            let logits = self.forward(&tokens, &offsets, &chunk_slots, &logit_rows)?;
+            let mut next = 0;
+            for &(i, row0, take) in &members {
+                let mine = logit_rows[next..].iter().take_while(|&&r| r < row0 + take).count();
+                out[i].extend_from_slice(&logits[next * vocab..(next + mine) * vocab]);
+                next += mine;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Run one ragged batch exactly as given (no chunking); returns the logits
+    /// of `logit_rows`, flat `[logit_rows.len(), vocab_size]`, copied to the host.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        offsets: &[usize],
+        slots: &[usize],
+        logit_rows: &[usize],
+    ) -> Result<Vec<f32>> {
+        self.check_slots(slots)?;
+        self.check_tokens(tokens, |i| format!("batch row {i}"))?;
+        Ragged { offsets, slots }.validate(tokens.len())?;
+        let cfg = self.model.cfg;
+        let plan = ScratchPlan::new(&cfg, tokens.len(), logit_rows.len());
+        let mut s = self.scratch.fit(&self.backend, &plan)?;
+        let batch = Ragged { offsets, slots };
+        let model = self.model.model();
+        driver::prefill(&self.backend, &model, tokens, batch, logit_rows, &mut self.states, &mut s)?;
+        let n = logit_rows.len() * cfg.vocab_size;
+        copy_back(&self.backend, s.logits, n)
+    }
+
+    /// Queue one step without reading anything back.
+    fn run_step(&mut self, tokens: &[u32], slots: &[usize]) -> Result<()> {
+        if tokens.len() != slots.len() {
+            return Err(CudaError::Input(format!(
+                "{} tokens but {} slots: one slot is needed per token",
+                tokens.len(),
+                slots.len()
+            )));
+        }
+        self.check_slots(slots)?;
+        self.check_tokens(tokens, |i| format!("step of sequence {i} (state slot {})", slots[i]))?;
+        let cfg = self.model.cfg;
+        let plan = ScratchPlan::new(&cfg, tokens.len(), tokens.len());
+        let mut s = self.scratch.fit(&self.backend, &plan)?;
+        let model = self.model.model();
+        driver::step(&self.backend, &model, tokens, slots, &mut self.states, &mut s)
+    }
+
+    /// One token for each sequence: `tokens[i]` continues `slots[i]`.
+    /// Returns `[B, vocab_size]` logits copied to the host.
+    pub fn step(&mut self, tokens: &[u32], slots: &[usize]) -> Result<Vec<f32>> {
+        self.run_step(tokens, slots)?;
+        let n = tokens.len() * self.model.cfg.vocab_size;
+        copy_back(&self.backend, &self.scratch.bufs[8], n)
+    }
+
+    /// One step and greedy sampling on the device: returns the argmax token
+    /// of each row over the first `n_valid` vocabulary entries (padded rows
+    /// are never picked). Only `B` ids cross to the host.
+    pub fn step_greedy(&mut self, tokens: &[u32], slots: &[usize], n_valid: usize) -> Result<Vec<u32>> {
+        self.run_step(tokens, slots)?;
+        let logits = self.scratch.bufs[8].ptr(&self.backend.stream);
+        self.argmax(logits, tokens.len(), n_valid)
+    }
+
+    /// Greedy choice of each of the last prefill's `rows` logits rows, on the device.
+    pub fn argmax_last_logits(&mut self, rows: usize, n_valid: usize) -> Result<Vec<u32>> {
+        let logits = self.scratch.bufs.get(8).ok_or_else(|| CudaError::Input("no logits yet".into()))?;
+        logits.need("logits", rows * self.model.cfg.vocab_size, &self.backend.stream)?;
+        let p = logits.ptr(&self.backend.stream);
+        self.argmax(p, rows, n_valid)
+    }
+
+    fn argmax(&mut self, logits: u64, rows: usize, n_valid: usize) -> Result<Vec<u32>> {
+        let vocab = self.model.cfg.vocab_size;
+        if n_valid == 0 || n_valid > vocab {
+            return Err(CudaError::Input(format!("n_valid {n_valid} must be in 1..={vocab}")));
+        }
+        let st = self.backend.stream.clone();
+        let ids = self.ids.at_least(&st, rows.max(1))?;
+        let args = [
+            Arg::Ptr(logits),
+            Arg::Ptr(ids),
+            Arg::U32(rows as u32),
+            Arg::U32(vocab as u32),
+            Arg::U32(n_valid as u32),
+        ];
+        self.backend.launch("argmax_rows", rows as u32, 256, &args)?;
+        let mut host = vec![0u32; rows];
+        if rows > 0 {
+            // SAFETY: `ids` holds at least `rows` u32 written by the kernel above, in stream order.
+            #[allow(unsafe_code)]
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut host, ids, st.cu_stream()) }
+                .map_err(CudaError::driver("reading sampled ids"))?;
+        }
+        self.backend.synchronize()?;
+        Ok(host)
+    }
+}
+
+/// The first `n` values of `buf`, after the queued work finished.
+fn copy_back(backend: &CudaBackend, buf: &DeviceBuf, n: usize) -> Result<Vec<f32>> {
+    let mut host = vec![0.0f32; n];
+    if n > 0 {
+        let view = buf.data.slice(..n);
+        backend.stream.memcpy_dtoh(&view, &mut host).map_err(CudaError::driver("reading logits"))?;
+    }
+    backend.synchronize()?;
+    Ok(host)
+}

@@ -1,0 +1,311 @@
+//! GPU tests: the CUDA backend against transformers' float64 truth and
+//! against the CPU backend. Without a device each test prints
+//! `skipped: no CUDA device: <reason>` and passes, unless `MAMBA_REQUIRE_GPU=1`
+//! (tools/gpu-check.sh sets it), which turns a missing device into a failure.
+
+use mamba_core::{driver, CpuBackend, LayerWeights, MambaConfig, Model, ScratchPlan, Tensor, WData};
+use mamba_cuda::{CudaBackend, CudaError, CudaSession, LogitsMode};
+use mamba_runtime::model::LoadedModel;
+use mamba_tests::{assert_close, Truth, CASES};
+
+fn gpu_required() -> bool {
+    std::env::var("MAMBA_REQUIRE_GPU").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The device, or `None` after printing why the test is skipped.
+fn device(test: &str) -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            assert!(!gpu_required(), "{test}: MAMBA_REQUIRE_GPU is set but: {e}");
+            println!("skipped: no CUDA device: {e}");
+            None
+        }
+    }
+}
+
+/// Logit tolerance against the float64 truth: 1e-3 for f32 weights, 3e-2 for bf16/f16 (issue 5).
+fn logit_tol(t: &Truth) -> f64 {
+    if t.storage_dtype == "f32" {
+        1e-3
+    } else {
+        3e-2
+    }
+}
+const STATE_TOL: f64 = 1e-3;
+
+fn load(t: &Truth) -> LoadedModel {
+    LoadedModel::load(t.dir_str()).unwrap_or_else(|e| panic!("{}: {e}", t.case))
+}
+
+fn session(test: &str, m: &LoadedModel, slots: usize) -> Option<CudaSession> {
+    let b = device(test)?;
+    let view = m.view().unwrap();
+    Some(CudaSession::new(b, &view.model(), slots).unwrap())
+}
+
+#[test]
+fn without_a_device_the_error_names_the_reason() {
+    match CudaBackend::new(0) {
+        Ok(b) => println!("device present ({}, {}): nothing to check", b.device_name(), b.arch()),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.starts_with("no CUDA"), "unexpected error: {msg}");
+            println!("no device, as expected here: {msg}");
+        }
+    }
+    // A device index past the last is an error too, never a panic.
+    if let Err(e) = CudaBackend::new(4096) {
+        assert!(e.to_string().starts_with("no CUDA"), "{e}");
+    }
+}
+
+#[test]
+fn prefill_logits_and_states_match_transformers_at_every_position() {
+    for case in CASES {
+        let t = Truth::load(case);
+        let m = load(&t);
+        for (pi, p) in t.prompts.iter().enumerate() {
+            let Some(mut s) = session("prefill parity", &m, 1) else { return };
+            let logits = s.prefill(&[&p.ids], &[0], LogitsMode::All).unwrap();
+            let what = format!("{case} prompt {pi} (len {}) GPU prefill logits", p.ids.len());
+            let worst = assert_close(&what, &logits[0], &t.read_f64(&p.logits), logit_tol(&t));
+            let (conv, ssm) = (t.read_f64(&p.conv_state), t.read_f64(&p.ssm_state));
+            let (cl, sl) = (t.d_inner * t.d_conv, t.d_inner * t.d_state);
+            for l in 0..t.n_layer {
+                let what = format!("{case} prompt {pi} layer {l} GPU conv state");
+                assert_close(&what, &s.conv_state(0, l).unwrap(), &conv[l * cl..(l + 1) * cl], STATE_TOL);
+                let what = format!("{case} prompt {pi} layer {l} GPU ssm state");
+                assert_close(&what, &s.ssm_state(0, l).unwrap(), &ssm[l * sl..(l + 1) * sl], STATE_TOL);
+            }
+            println!("{case} prompt {pi}: GPU prefill max |logit diff| {worst:.2e}");
+        }
+    }
+}
+
+#[test]
+fn step_path_logits_match_transformers_at_every_position() {
+    for case in CASES {
+        let t = Truth::load(case);
+        let m = load(&t);
+        let v = t.padded_vocab_size;
+        for (pi, p) in t.prompts.iter().enumerate().filter(|(_, p)| p.ids.len() <= 200) {
+            let Some(mut s) = session("step parity", &m, 1) else { return };
+            let want = t.read_f64(&p.logits);
+            let mut worst = 0.0f64;
+            for (pos, &tok) in p.ids.iter().enumerate() {
+                let row = s.step(&[tok], &[0]).unwrap();
+                let what = format!("{case} prompt {pi} GPU step logits at position {pos}");
+                worst = worst.max(assert_close(&what, &row, &want[pos * v..(pos + 1) * v], logit_tol(&t)));
+            }
+            println!("{case} prompt {pi}: GPU step max |logit diff| {worst:.2e}");
+        }
+    }
+}
+
+#[test]
+fn ragged_batch_of_every_prompt_matches_transformers() {
+    for case in CASES {
+        let t = Truth::load(case);
+        let m = load(&t);
+        let n = t.prompts.len();
+        let seqs: Vec<&[u32]> = t.prompts.iter().map(|p| p.ids.as_slice()).collect();
+        let slots: Vec<usize> = (0..n).rev().collect();
+        for chunk in [5, 64, 4096] {
+            let Some(mut s) = session("ragged parity", &m, n) else { return };
+            s.chunk_tokens = chunk;
+            let logits = s.prefill(&seqs, &slots, LogitsMode::All).unwrap();
+            for (pi, p) in t.prompts.iter().enumerate() {
+                let what = format!("{case} chunk {chunk}: prompt {pi} in a GPU ragged batch of {n}");
+                assert_close(&what, &logits[pi], &t.read_f64(&p.logits), logit_tol(&t));
+                let sl = t.d_inner * t.d_state;
+                let ssm = t.read_f64(&p.ssm_state);
+                assert_close(&what, &s.ssm_state(slots[pi], 0).unwrap(), &ssm[..sl], STATE_TOL);
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_continuations_on_the_device_match_transformers() {
+    for case in CASES {
+        let t = Truth::load(case);
+        let m = load(&t);
+        let vocab = m.sample_vocab();
+        for (pi, p) in t.prompts.iter().enumerate() {
+            let Some(mut s) = session("greedy", &m, 1) else { return };
+            s.prefill(&[&p.ids], &[0], LogitsMode::Last).unwrap();
+            let mut tok = s.argmax_last_logits(1, vocab).unwrap()[0];
+            let mut got = vec![tok];
+            while got.len() < p.greedy.len() {
+                tok = s.step_greedy(&[tok], &[0], vocab).unwrap()[0];
+                got.push(tok);
+            }
+            assert_eq!(got, p.greedy, "{case} prompt {pi}: GPU greedy continuation");
+        }
+    }
+}
+
+#[test]
+fn batched_step_equals_single_steps_and_slot_copies_fork() {
+    let t = Truth::load("hf_f16_k2");
+    let m = load(&t);
+    let seqs: Vec<&[u32]> = t.prompts.iter().map(|p| p.ids.as_slice()).collect();
+    let n = seqs.len();
+    let slots: Vec<usize> = (0..n).rev().collect();
+    let Some(mut batch) = session("batched step", &m, n + 1) else { return };
+    batch.prefill(&seqs, &slots, LogitsMode::Last).unwrap();
+    let toks: Vec<u32> = (0..n as u32).map(|i| i + 3).collect();
+    // Fork sequence 0 into the spare slot before stepping.
+    batch.copy_slot(slots[0], n).unwrap();
+    let rows = batch.step(&toks, &slots).unwrap();
+    let v = t.padded_vocab_size;
+    let forked = batch.step(&[toks[0]], &[n]).unwrap();
+    let want: Vec<f64> = rows[..v].iter().map(|&x| x as f64).collect();
+    assert_close("forked slot steps like its source", &forked, &want, 1e-5);
+    for i in 0..n {
+        let Some(mut solo) = session("batched step", &m, 1) else { return };
+        solo.prefill(&[seqs[i]], &[0], LogitsMode::Last).unwrap();
+        let row = solo.step(&[toks[i]], &[0]).unwrap();
+        let want: Vec<f64> = rows[i * v..(i + 1) * v].iter().map(|&x| x as f64).collect();
+        assert_close(&format!("sequence {i}: batched vs single step"), &row, &want, 1e-4);
+    }
+    batch.reset(n).unwrap();
+    assert!(batch.slot_state(n).unwrap().iter().all(|&x| x == 0.0), "reset zeroes the slot");
+}
+
+#[test]
+fn bad_input_is_an_error_before_any_launch() {
+    let t = Truth::load("hf_f32_tied");
+    let m = load(&t);
+    let Some(mut s) = session("bad input", &m, 2) else { return };
+    let vocab = t.padded_vocab_size as u32;
+    let e = s.prefill(&[&[1, vocab]], &[0], LogitsMode::Last).unwrap_err();
+    assert!(e.to_string().contains("out of range"), "{e}");
+    let e = s.step(&[1], &[2]).unwrap_err();
+    assert!(e.to_string().contains("slot 2"), "{e}");
+    let e = s.step(&[1, 2], &[0, 0]).unwrap_err();
+    assert!(e.to_string().contains("twice"), "{e}");
+    assert!(matches!(s.set_slot_state(0, &[0.0; 3]), Err(CudaError::Input(_))));
+}
+
+/// A random f32 model with the given state size, built in memory.
+struct HostModel {
+    cfg: MambaConfig,
+    mats: Vec<Vec<f32>>,
+}
+
+fn lcg(seed: &mut u64) -> f32 {
+    *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}
+
+impl HostModel {
+    fn new(d_state: usize, d_conv: usize, bias: bool) -> HostModel {
+        let cfg = MambaConfig {
+            d_model: 64,
+            d_inner: 128,
+            d_state,
+            d_conv,
+            dt_rank: 4,
+            n_layer: 2,
+            vocab_size: 97,
+            eps: 1e-5,
+            use_bias: bias,
+            use_conv_bias: bias,
+            residual_in_fp32: true,
+            tie_embeddings: true,
+        };
+        let mut seed = d_state as u64 * 7919 + d_conv as u64;
+        let mut r = |n: usize, scale: f32| (0..n).map(|_| lcg(&mut seed) * scale).collect::<Vec<f32>>();
+        let (dm, di, xp) = (cfg.d_model, cfg.d_inner, cfg.x_proj_dim());
+        let mut mats = vec![r(cfg.vocab_size * dm, 1.0), r(dm, 0.1).iter().map(|v| 1.0 + v).collect()];
+        for _ in 0..cfg.n_layer {
+            mats.push(r(dm, 0.1).iter().map(|v| 1.0 + v).collect()); // norm
+            mats.push(r(2 * di * dm, 0.125)); // in_proj
+            mats.push(r(2 * di, 0.1)); // in_proj bias
+            mats.push(r(di * d_conv, 0.5)); // conv w
+            mats.push(r(di, 0.1)); // conv b
+            mats.push(r(xp * di, 0.09)); // x_proj
+            mats.push(r(di * cfg.dt_rank, 0.5)); // dt_proj
+            mats.push(r(di, 1.0).iter().map(|v| v - 3.0).collect()); // dt bias
+            mats.push((0..di * d_state).map(|i| -(1.0 + (i % d_state) as f32)).collect()); // A
+            mats.push(vec![1.0; di]); // D
+            mats.push(r(dm * di, 0.09)); // out_proj
+            mats.push(r(dm, 0.1)); // out_proj bias
+        }
+        HostModel { cfg, mats }
+    }
+
+    fn model(&self) -> (Vec<LayerWeights<Tensor<'_>>>, Tensor<'_>, Tensor<'_>) {
+        let c = &self.cfg;
+        let t = |i: usize, rows: usize, cols: usize| {
+            Tensor::new(WData::F32(&self.mats[i]), rows, cols, "w").unwrap()
+        };
+        let (dm, di) = (c.d_model, c.d_inner);
+        let layers = (0..c.n_layer)
+            .map(|l| {
+                let b = 2 + l * 12;
+                LayerWeights {
+                    norm: t(b, 1, dm),
+                    in_proj: t(b + 1, 2 * di, dm),
+                    in_proj_bias: c.use_bias.then(|| t(b + 2, 1, 2 * di)),
+                    conv_w: t(b + 3, di, c.d_conv),
+                    conv_b: c.use_conv_bias.then(|| t(b + 4, 1, di)),
+                    x_proj: t(b + 5, c.x_proj_dim(), di),
+                    dt_proj: t(b + 6, di, c.dt_rank),
+                    dt_bias: t(b + 7, 1, di),
+                    a: t(b + 8, di, c.d_state),
+                    d: t(b + 9, 1, di),
+                    out_proj: t(b + 10, dm, di),
+                    out_proj_bias: c.use_bias.then(|| t(b + 11, 1, dm)),
+                }
+            })
+            .collect();
+        (layers, t(0, c.vocab_size, dm), t(1, 1, dm))
+    }
+}
+
+/// CPU logits of every position of one prompt (the reference backend).
+fn cpu_all_logits(m: &Model<'_, Tensor<'_>>, ids: &[u32]) -> Vec<f32> {
+    let cfg = m.cfg;
+    let plan = ScratchPlan::new(&cfg, ids.len(), ids.len());
+    let mut buf = vec![0.0f32; plan.total()];
+    let mut s = plan.split(&mut buf).unwrap();
+    let mut states = vec![0.0f32; cfg.state_layout().slot_len()];
+    let rows: Vec<usize> = (0..ids.len()).collect();
+    let batch = mamba_core::Ragged { offsets: &[0, ids.len()], slots: &[0] };
+    driver::prefill(&CpuBackend::default(), m, ids, batch, &rows, &mut states, &mut s).unwrap();
+    s.logits[..ids.len() * cfg.vocab_size].to_vec()
+}
+
+#[test]
+fn any_state_size_up_to_256_matches_the_cpu_backend() {
+    let ids: Vec<u32> = (0..150u32).map(|i| (i * 37 + 11) % 97).collect();
+    for (d_state, d_conv, bias) in
+        [(1, 4, true), (5, 2, false), (16, 4, true), (40, 3, true), (256, 4, false)]
+    {
+        let hm = HostModel::new(d_state, d_conv, bias);
+        let (layers, emb, norm_f) = hm.model();
+        let m = Model { cfg: hm.cfg, embedding: emb, layers: &layers, norm_f, lm_head: None };
+        let want: Vec<f64> = cpu_all_logits(&m, &ids).into_iter().map(f64::from).collect();
+        let Some(b) = device("state sizes") else { return };
+        let mut s = CudaSession::new(b, &m, 1).unwrap();
+        s.chunk_tokens = 64; // carry the state across chunks too
+        let got = s.prefill(&[&ids], &[0], LogitsMode::All).unwrap();
+        let what = format!("d_state {d_state}, d_conv {d_conv}: GPU vs CPU prefill");
+        let worst = assert_close(&what, &got[0], &want, 1e-3);
+        // And the step path continuing from the prefilled state.
+        let mut s2 = {
+            let Some(b) = device("state sizes") else { return };
+            CudaSession::new(b, &m, 1).unwrap()
+        };
+        s2.prefill(&[&ids[..100]], &[0], LogitsMode::Last).unwrap();
+        let v = hm.cfg.vocab_size;
+        for (pos, &tok) in ids.iter().enumerate().skip(100) {
+            let row = s2.step(&[tok], &[0]).unwrap();
+            assert_close(&format!("{what}: step at {pos}"), &row, &want[pos * v..(pos + 1) * v], 1e-3);
+        }
+        println!("{what}: max |diff| {worst:.2e}");
+    }
+}

@@ -4,12 +4,14 @@
 //! - [`config`], [`weights`], [`torch_bin`], [`model`]: checkpoints in the
 //!   Hugging Face and original `state-spaces` layouts.
 //! - [`session`]: state slots, chunked ragged prefill and batched steps on the CPU backend.
+//! - [`device`]: the same on a CUDA device (`--device cuda`, crate `mamba-cuda`).
 //! - [`tokenizer`], [`sampling`]: text in and out.
 #![deny(unsafe_code)]
 
 pub mod bench;
 pub mod config;
 pub mod cpu;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod generate;

@@ -5,14 +5,22 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use mamba_core::DType;
 use mamba_runtime::bench::{run, BenchConfig, BenchReport};
+use mamba_runtime::device::{bench_cuda, Device};
+use mamba_runtime::model::LoadedModel;
 use mamba_runtime::synthetic;
 
-use super::ModelArgs;
+use super::{DeviceArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// With --device cuda: memory bandwidth in GB/s that sets the decode bound
+    /// (weight bytes read per step at this rate).
+    #[arg(long, default_value_t = 4300.0)]
+    pub bandwidth_gb_s: f64,
     /// Synthetic weights of a published shape: 130m, 370m, 790m, 1.4b, 2.8b (instead of --model).
     #[arg(long, conflicts_with = "model")]
     pub shape: Option<String>,
@@ -62,6 +70,11 @@ pub fn run_cmd(a: BenchArgs) -> Result<()> {
     if batches.contains(&0) {
         bail!("--batch sizes must be at least 1");
     }
+    let device = a.device.device()?;
+    if let Device::Cuda(i) = device {
+        // Before building weights: a missing device is a quick, clear error.
+        mamba_runtime::device::open_cuda(i).context("--device")?;
+    }
     let (model, shape_name) = match &a.shape {
         Some(s) => {
             let shape = synthetic::shape(s)?;
@@ -74,6 +87,9 @@ pub fn run_cmd(a: BenchArgs) -> Result<()> {
             (m, name)
         }
     };
+    if let Device::Cuda(index) = device {
+        return run_cuda(&a, &model, &shape_name, index, &batches);
+    }
     let par = a.model.parallel()?;
     let simd = mamba_runtime::cpu::init_simd();
     if !a.json {
@@ -96,6 +112,40 @@ pub fn run_cmd(a: BenchArgs) -> Result<()> {
             println!("{v}");
         } else {
             println!("{}", r.table_line());
+        }
+    }
+    Ok(())
+}
+
+/// `--device cuda`: prefill once (batch 1), decode at each batch size, with
+/// greedy sampling on the device.
+fn run_cuda(a: &BenchArgs, model: &LoadedModel, shape: &str, index: usize, batches: &[usize]) -> Result<()> {
+    let bw = a.bandwidth_gb_s * 1e9;
+    let reports = bench_cuda(model, index, batches, a.prompt_len, a.gen_len, a.repeat, bw)
+        .context("benchmark on the device")?;
+    if !a.json {
+        println!(
+            "device  shape  batch  prefill tok/s ({} tok)  decode tok/s  bound tok/s  of bound",
+            a.prompt_len
+        );
+    }
+    for r in reports {
+        if a.json {
+            let mut v = r.to_json();
+            v["shape"] = shape.into();
+            v["dtype"] = model.dtype.name().into();
+            v["bandwidth_gb_s"] = a.bandwidth_gb_s.into();
+            println!("{v}");
+        } else {
+            println!(
+                "{}  {shape}  {}  {:.0}  {:.1}  {:.1}  {:.0}%",
+                r.device,
+                r.batch,
+                r.prefill_tok_s,
+                r.decode_tok_s,
+                r.decode_bound_tok_s,
+                100.0 * r.decode_tok_s / r.decode_bound_tok_s.max(1e-9)
+            );
         }
     }
     Ok(())

@@ -13,7 +13,7 @@ use mamba_runtime::sampling::SamplingParams;
 use mamba_runtime::tokenizer::Tokenizer;
 use serde_json::{json, Value};
 
-use super::{parse_ids, ModelArgs, StateArgs};
+use super::{parse_ids, DeviceArgs, ModelArgs, StateArgs};
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -21,6 +21,8 @@ pub struct GenerateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub state: StateArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Prompt text (needs the model's tokenizer.json); repeat for several prompts.
     #[arg(long)]
     pub prompt: Vec<String>,
@@ -143,6 +145,7 @@ fn prompts(
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
+    let device = a.device.device()?;
     let model = a.model.load()?;
     let par = a.model.parallel()?;
     let tok = Tokenizer::from_dir(&model.dir)?;
@@ -174,7 +177,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let total_seqs = prompts.len() * a.n;
     let slots = a.state.slots(&model, total_seqs)?;
-    let cfg = EngineConfig { slots, ..Default::default() };
+    let cfg = EngineConfig { slots, device, ..Default::default() };
     let mut engine = Engine::new(&model, &par, tok.as_ref(), cfg)?;
     let mut ids = Vec::with_capacity(prompts.len());
     for (i, (p, _)) in prompts.iter().enumerate() {

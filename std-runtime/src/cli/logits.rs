@@ -5,15 +5,18 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use mamba_runtime::session::{LogitsMode, Session};
+use mamba_runtime::device::AnySession;
+use mamba_runtime::session::LogitsMode;
 use serde_json::json;
 
-use super::{parse_ids, ModelArgs};
+use super::{parse_ids, DeviceArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct LogitsArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// A sequence of token ids, e.g. `1,2,3`; repeat for more sequences.
     #[arg(long, required = true)]
     pub ids: Vec<String>,
@@ -33,11 +36,12 @@ pub struct LogitsArgs {
 
 pub fn run(a: LogitsArgs) -> Result<()> {
     let seqs = a.ids.iter().map(|s| parse_ids(s)).collect::<Result<Vec<_>>>()?;
+    let device = a.device.device()?;
     let model = a.model.load()?;
     let par = a.model.parallel()?;
     let n = seqs.len();
-    let mut session = Session::new(&model, &par, n)?;
-    session.chunk_tokens = a.chunk.max(1);
+    let mut session = AnySession::new(&model, &par, n, device)?;
+    session.set_chunk_tokens(a.chunk.max(1));
     let v = model.cfg.vocab_size;
     let slots: Vec<usize> = (0..n).collect();
     let mode = match (a.all, a.last) {
@@ -61,7 +65,7 @@ pub fn run(a: LogitsArgs) -> Result<()> {
 }
 
 /// Feed position `t` of every sequence still running as one batched step.
-fn step_all(session: &mut Session<'_>, seqs: &[Vec<u32>], mode: LogitsMode) -> Result<Vec<Vec<f32>>> {
+fn step_all(session: &mut AnySession<'_>, seqs: &[Vec<u32>], mode: LogitsMode) -> Result<Vec<Vec<f32>>> {
     let v = session.cfg().vocab_size;
     let mut out: Vec<Vec<f32>> = vec![vec![]; seqs.len()];
     let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use mamba_runtime::device::Device;
 use mamba_runtime::model::LoadedModel;
 use mamba_runtime::parallel::RayonParallel;
 
@@ -45,6 +46,21 @@ pub struct ModelArgs {
     /// Worker threads (0 = one per physical core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+}
+
+/// Where to run the model.
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// `cpu`, `cuda` (device 0) or `cuda:N`. CUDA needs the NVIDIA driver, and NVRTC and
+    /// cuBLAS 13 on the loader path (LD_LIBRARY_PATH) with the CUDA headers (MAMBA_CUDA_INCLUDE).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+impl DeviceArgs {
+    pub fn device(&self) -> Result<Device> {
+        Ok(Device::parse(&self.device)?)
+    }
 }
 
 /// How many state slots to keep (one per running sequence).

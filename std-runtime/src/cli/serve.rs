@@ -5,15 +5,18 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mamba_core::DType;
+use mamba_runtime::device::Device;
 use mamba_runtime::server::{shutdown_signal, Loader, Server, ServerConfig};
 use mamba_runtime::synthetic;
 
-use super::{parse_size, ModelArgs};
+use super::{parse_size, DeviceArgs, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
     /// Serve random weights of a published shape instead of a checkpoint
     /// (`130m`, `370m`, ...; bf16, no tokenizer: token-id prompts only). For load tests.
     #[arg(long, conflicts_with = "model")]
@@ -63,6 +66,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if !(a.shutdown_grace.is_finite() && a.shutdown_grace >= 0.0) {
         bail!("--shutdown-grace must be a number of seconds >= 0");
     }
+    let device = a.device.device()?;
+    if let Device::Cuda(i) = device {
+        // Fail here, before listening, when the device cannot be opened.
+        mamba_runtime::device::open_cuda(i).context("--device")?;
+    }
     let (names, loader): (Vec<String>, Loader) = match &a.shape {
         Some(s) => {
             let shape = synthetic::shape(s)?;
@@ -100,6 +108,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
         threads: a.model.threads,
         log: true,
+        device,
         ..ServerConfig::default()
     };
     if cfg.max_batch == 0 {

@@ -25,11 +25,11 @@ use std::sync::Arc;
 
 use mamba_core::Parallel;
 
+use crate::device::{AnySession, Device};
 use crate::error::{Error, Result};
 use crate::generate::FinishReason;
 use crate::model::LoadedModel;
 use crate::sampling::{Sampler, SamplingParams};
-use crate::session::Session;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 pub use logprobs::{token_logprob, TokenLogprob, MAX_TOP_LOGPROBS};
 pub use slots::{CacheFull, SeqKey, SlotTable};
@@ -44,11 +44,13 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Longest prompt accepted.
     pub max_prompt_tokens: usize,
+    /// Where the model runs.
+    pub device: Device,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { slots: 16, prefill_chunk: 512, max_prompt_tokens: 1 << 20 }
+        EngineConfig { slots: 16, prefill_chunk: 512, max_prompt_tokens: 1 << 20, device: Device::Cpu }
     }
 }
 
@@ -187,7 +189,7 @@ enum Piece {
 
 /// The continuous-batching engine over one model.
 pub struct Engine<'m> {
-    session: Session<'m>,
+    session: AnySession<'m>,
     table: SlotTable,
     tok: Option<&'m Tokenizer>,
     cfg: EngineConfig,
@@ -209,7 +211,7 @@ impl<'m> Engine<'m> {
             return Err(Error::Input("the engine needs at least one state slot".into()));
         }
         Ok(Engine {
-            session: Session::new(model, par, cfg.slots)?,
+            session: AnySession::new(model, par, cfg.slots, cfg.device)?,
             table: SlotTable::new(cfg.slots),
             tok,
             vocab: model.sample_vocab(),
@@ -501,7 +503,7 @@ impl<'m> Engine<'m> {
         }
         // Nothing above changed a state: these see the states this forward left.
         for (request, tokens, slot) in captures {
-            let state = session.slot_state(slot)?.to_vec();
+            let state = session.slot_state(slot)?;
             captured.push(Captured { request, tokens, state });
         }
         for (parent, child) in forks {
@@ -689,6 +691,7 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::Session;
     use mamba_core::Sequential;
 
     fn fixture() -> LoadedModel {

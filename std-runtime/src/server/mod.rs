@@ -80,6 +80,8 @@ pub struct ServerConfig {
     pub threads: usize,
     /// Print progress and errors to stderr.
     pub log: bool,
+    /// Where the engine runs the model.
+    pub device: crate::device::Device,
 }
 
 impl Default for ServerConfig {
@@ -100,6 +102,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(10),
             threads: 0,
             log: false,
+            device: crate::device::Device::Cpu,
         }
     }
 }

@@ -117,6 +117,7 @@ fn load_and_serve(
         slots,
         prefill_chunk: shared.cfg.prefill_chunk.max(1),
         max_prompt_tokens: shared.cfg.max_prompt_tokens,
+        device: shared.cfg.device,
     };
     let engine = Engine::new(&model, &par, tok.as_deref(), cfg).map_err(|e| e.to_string())?;
     let (chat, warning) = ChatTemplate::load(&model.dir);

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Build, on a machine without a GPU, everything tools/gpu-check.sh runs, into
+# .gpu-bin/ (git-ignored), for a device machine that has no Rust toolchain:
+#   bash tools/gpu-prep.sh
+# then, with the device tool: run(command="bash tools/gpu-check.sh",
+# carry=[".gpu-bin"], timeout_s=540). gpu-check.sh builds with cargo itself
+# when cargo is there and .gpu-bin/ is absent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+out=.gpu-bin
+rm -rf "$out"
+mkdir -p "$out"
+
+echo "== release build of mamba-rs and the GPU test binaries"
+cargo build --release -p mamba-runtime --bin mamba-rs
+cargo test --release -p mamba-cuda --no-run --message-format=json 2>/dev/null \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])
+' > "$out/tests.txt"
+target=${CARGO_TARGET_DIR:-target}
+cp "$target/release/mamba-rs" "$out/mamba-rs"
+while read -r name exe; do cp "$exe" "$out/test-$name"; done < "$out/tests.txt"
+rm "$out/tests.txt"
+strip "$out"/* 2>/dev/null || true
+# The test binaries find tests/fixtures through the path they were built at.
+echo "$root" > "$out/ROOT"
+git rev-parse HEAD > "$out/COMMIT" 2>/dev/null || true
+ls -la "$out"
+du -sh "$out"

@@ -129,7 +129,10 @@ cli_compare() {
     b=$(timeout -k 5 60 "$MRS" generate --device cuda --model "$m" --ids 1,2,3,4 --max-tokens 16 --temperature 0 --ignore-eos --json)
     python3 - "$a" "$b" <<'PY'
 import json, sys
-a, b = (json.loads(x)["generated_ids"] for x in sys.argv[1:3])
+try:
+    a, b = (json.loads(x)["generated_ids"] for x in sys.argv[1:3])
+except ValueError as e:
+    sys.exit(f"no JSON from a generate run: {e}")
 print("cpu", a); print("gpu", b)
 sys.exit(0 if a == b else 1)
 PY
@@ -177,7 +180,7 @@ for shape in 130m 370m 1.4b 2.8b; do
     if [ "$t" -lt 30 ]; then record "bench-$shape" FAILED "out of time"; continue; fi
     echo "== bench $shape (up to ${t}s)"
     if timeout -k 5 "$t" "$MRS" bench --device cuda --shape "$shape" --dtype bf16 --batch 1,16,64,256 \
-        --prompt-len 2048 --gen-len 32 --repeat 3 --json >> "$OUTDIR/bench.jsonl"; then
+        --prompt-len 2048 --gen-len 32 --repeat 3 --cuda-graphs --json >> "$OUTDIR/bench.jsonl"; then
         record "bench-$shape" ok
     else
         record "bench-$shape" FAILED "exit $?"

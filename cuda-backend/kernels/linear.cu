@@ -37,3 +37,81 @@ extern "C" __global__ void combine_parts(const float* c, float* out, const float
         out[i] = v;
     }
 }
+
+// Decode-sized products (B <= 8 rows of x) without cuBLAS: out[b, o] =
+// sum_k W[o, k] x[b, k] (+ bias[o]), weights widened to f32 in registers, f32
+// accumulation (the CPU backend's numerics; no activation rounding). One warp
+// per output row; each lane reads 8 consecutive weights per pass (16 bytes of
+// bf16/f16), so a warp reads its row in coalesced 512-byte sweeps and every
+// weight byte is read once for all B rows. `vec` (host-checked: k % 8 == 0 and
+// 16-byte aligned rows) selects the vector loads; else element loads.
+// W [n_out, k]; x [B, k] f32; bias [n_out] f32 or null; out [B, n_out].
+
+__device__ __forceinline__ void widen8(const float* p, float* v) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    const float4 b = *reinterpret_cast<const float4*>(p + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void widen8(const __nv_bfloat16* p, float* v) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        v[2 * i] = __uint_as_float(w[i] << 16);
+        v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void widen8(const __half* p, float* v) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(h[i]);
+        v[2 * i] = f.x;
+        v[2 * i + 1] = f.y;
+    }
+}
+
+template <typename T, int B>
+__device__ void gemv_rows(const T* W, const float* x, const float* bias, float* out, u32 n_out, u32 k, u32 vec) {
+    const u64 row = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
+    const u32 lane = threadIdx.x & 31;
+    if (row >= n_out) return;  // whole warps leave together
+    const T* w = W + row * k;
+    float acc[B];
+#pragma unroll
+    for (int b = 0; b < B; ++b) acc[b] = 0.0f;
+    for (u32 i = lane * 8; i < k; i += 32 * 8) {
+        float wv[8];
+        if (vec) {
+            widen8(w + i, wv);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) wv[j] = i + j < k ? to_f32(w[i + j]) : 0.0f;
+        }
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+            const float* xb = x + (u64)b * k + i;
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                if (i + j < k) acc[b] += wv[j] * xb[j];
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+        const float s = group_sum(acc[b], 32);
+        if (lane == 0) out[(u64)b * n_out + row] = s + (bias ? bias[row] : 0.0f);
+    }
+}
+
+#define GEMV_KERNEL(NAME, T, B)                                                                         \
+    extern "C" __global__ void gemv_##NAME##_##B(const T* W, const float* x, const float* bias, float* out, \
+                                                 u32 n_out, u32 k, u32 vec) {                           \
+        gemv_rows<T, B>(W, x, bias, out, n_out, k, vec);                                                \
+    }
+#define GEMV_ALL(NAME, T) \
+    GEMV_KERNEL(NAME, T, 1) GEMV_KERNEL(NAME, T, 2) GEMV_KERNEL(NAME, T, 3) GEMV_KERNEL(NAME, T, 4) \
+    GEMV_KERNEL(NAME, T, 5) GEMV_KERNEL(NAME, T, 6) GEMV_KERNEL(NAME, T, 7) GEMV_KERNEL(NAME, T, 8)
+GEMV_ALL(f32, float)
+GEMV_ALL(f16, __half)
+GEMV_ALL(bf16, __nv_bfloat16)

@@ -48,7 +48,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "linear.cu",
         source: include_str!("../kernels/linear.cu"),
-        functions: &["split_bf16", "split_f16", "combine_parts"],
+        functions: LINEAR_FUNCTIONS,
     },
     KernelFile { name: "dt.cu", source: include_str!("../kernels/dt.cu"), functions: &["dt_proj_softplus"] },
     KernelFile {
@@ -76,6 +76,85 @@ pub const KERNEL_FILES: &[KernelFile] = &[
         functions: &["argmax_rows"],
     },
 ];
+
+const LINEAR_FUNCTIONS: &[&str] = &[
+    "split_bf16",
+    "split_f16",
+    "combine_parts",
+    "gemv_f32_1",
+    "gemv_f32_2",
+    "gemv_f32_3",
+    "gemv_f32_4",
+    "gemv_f32_5",
+    "gemv_f32_6",
+    "gemv_f32_7",
+    "gemv_f32_8",
+    "gemv_f16_1",
+    "gemv_f16_2",
+    "gemv_f16_3",
+    "gemv_f16_4",
+    "gemv_f16_5",
+    "gemv_f16_6",
+    "gemv_f16_7",
+    "gemv_f16_8",
+    "gemv_bf16_1",
+    "gemv_bf16_2",
+    "gemv_bf16_3",
+    "gemv_bf16_4",
+    "gemv_bf16_5",
+    "gemv_bf16_6",
+    "gemv_bf16_7",
+    "gemv_bf16_8",
+];
+
+/// The C type of one kernel parameter, as the launch code must pass it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamKind {
+    /// Any pointer: a device address (u64).
+    Ptr,
+    U32,
+    U64,
+    F32,
+}
+
+/// The parameter kinds of entry point `function` of `file`, parsed from its
+/// source: `void NAME(...)`, or for kernels stamped out by a macro, the
+/// macro's `void PREFIX##...(...)` whose literal prefix starts `function`.
+/// `None` when not found or a parameter type is not one the launcher passes.
+pub fn signature(file: &KernelFile, function: &str) -> Option<Vec<ParamKind>> {
+    let src = file.source.replace("\\\n", " ");
+    let mut rest = src.as_str();
+    while let Some(at) = rest.find("void ") {
+        rest = &rest[at + 5..];
+        let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '#'))?;
+        let token = &rest[..end];
+        let matches = match token.split_once("##") {
+            None => token == function,
+            Some((prefix, _)) => !prefix.is_empty() && function.starts_with(prefix),
+        };
+        if !matches || !rest[end..].starts_with('(') {
+            continue;
+        }
+        let params = &rest[end + 1..end + rest[end..].find(')')?];
+        return params
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                if p.contains('*') {
+                    return Some(ParamKind::Ptr);
+                }
+                match p.split_whitespace().next()? {
+                    "u32" => Some(ParamKind::U32),
+                    "u64" => Some(ParamKind::U64),
+                    "float" => Some(ParamKind::F32),
+                    _ => None,
+                }
+            })
+            .collect();
+    }
+    None
+}
 
 /// The full text NVRTC compiles for `file`.
 pub fn program_text(file: &KernelFile) -> String {

@@ -9,7 +9,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use crate::compile::{self, KERNEL_FILES};
+use crate::compile::{self, ParamKind, KERNEL_FILES};
 use crate::error::{CudaError, Result};
 use crate::gemm::Blas;
 use crate::probe::{self, Lib};
@@ -33,8 +33,18 @@ pub(crate) struct Upload {
 
 impl Upload {
     /// The device address of `data`, copying it only when it changed.
-    pub(crate) fn put(&mut self, stream: &Arc<CudaStream>, data: &[u32]) -> Result<u64> {
+    /// While a graph is captured nothing may be copied or allocated: the
+    /// address is returned as it is (the caller stages the values before
+    /// each replay), or an error when the buffer is too small.
+    pub(crate) fn put(&mut self, stream: &Arc<CudaStream>, data: &[u32], live: &Live) -> Result<u64> {
         let fits = self.dev.as_ref().is_some_and(|d| d.len() >= data.len().max(1));
+        if live.capturing.get() {
+            return if fits {
+                Ok(self.ptr(stream))
+            } else {
+                Err(CudaError::Input("an upload buffer would grow while a CUDA graph is captured".into()))
+            };
+        }
         if fits && self.host == data {
             return Ok(self.ptr(stream));
         }
@@ -45,6 +55,7 @@ impl Upload {
             let d = unsafe { stream.alloc::<u32>(cap) }
                 .map_err(CudaError::driver("allocating an upload buffer"))?;
             self.dev = Some(d);
+            live.moved();
         }
         if let Some(dev) = self.dev.as_mut() {
             if !data.is_empty() {
@@ -62,6 +73,48 @@ impl Upload {
     }
 }
 
+/// What CUDA graphs of the decode step depend on: whether a capture is under
+/// way, and a count of buffer reallocations (a graph captured before one
+/// holds stale addresses and is captured again).
+#[derive(Default)]
+pub(crate) struct Live {
+    pub(crate) capturing: std::cell::Cell<bool>,
+    pub(crate) generation: std::cell::Cell<u64>,
+}
+
+impl Live {
+    pub(crate) fn moved(&self) {
+        self.generation.set(self.generation.get() + 1);
+    }
+}
+
+/// The launch code passes what the kernel declares: a mismatch is a bug in
+/// this crate, reported instead of launched (it would corrupt memory).
+pub(crate) fn check_args(name: &str, sig: &[ParamKind], args: &[Arg]) -> Result<()> {
+    if sig.len() != args.len() {
+        return Err(CudaError::Input(format!(
+            "kernel `{name}` takes {} arguments, the launch passes {}",
+            sig.len(),
+            args.len()
+        )));
+    }
+    for (i, (k, a)) in sig.iter().zip(args).enumerate() {
+        let ok = matches!(
+            (k, a),
+            (ParamKind::Ptr, Arg::Ptr(_))
+                | (ParamKind::U32, Arg::U32(_))
+                | (ParamKind::U64, Arg::U64(_))
+                | (ParamKind::F32, Arg::F32(_))
+        );
+        if !ok {
+            return Err(CudaError::Input(format!(
+                "kernel `{name}` argument {i}: it takes {k:?}, the launch passes {a:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A growable device scratch of `T` for one operation's temporaries.
 pub(crate) struct Temp<T> {
     dev: Option<CudaSlice<T>>,
@@ -72,14 +125,18 @@ impl<T: cudarc::driver::DeviceRepr> Temp<T> {
         Temp { dev: None }
     }
     /// The address of at least `n` values (contents undefined).
-    pub(crate) fn at_least(&mut self, stream: &Arc<CudaStream>, n: usize) -> Result<u64> {
+    pub(crate) fn at_least(&mut self, stream: &Arc<CudaStream>, n: usize, live: &Live) -> Result<u64> {
         if self.dev.as_ref().is_none_or(|d| d.len() < n) {
+            if live.capturing.get() {
+                return Err(CudaError::Input("scratch would grow while a CUDA graph is captured".into()));
+            }
             self.dev = None; // free first: the old one may be large
                              // SAFETY: callers write every element they later read.
             #[allow(unsafe_code)]
             let d =
                 unsafe { stream.alloc::<T>(n.max(1)) }.map_err(CudaError::driver("allocating scratch"))?;
             self.dev = Some(d);
+            live.moved();
         }
         Ok(self.dev.as_ref().map_or(0, |d| d.device_ptr(stream).0))
     }
@@ -91,7 +148,8 @@ pub struct CudaBackend {
     pub(crate) blas: Blas,
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
-    funcs: HashMap<&'static str, CudaFunction>,
+    /// Each kernel with its parameter kinds (parsed from its source), checked at every launch.
+    funcs: HashMap<&'static str, (CudaFunction, Vec<ParamKind>)>,
     arch: String,
     name: String,
     pub(crate) ids: RefCell<Upload>,
@@ -99,10 +157,15 @@ pub struct CudaBackend {
     pub(crate) batch: RefCell<Upload>,
     pub(crate) half_x: RefCell<Temp<u16>>,
     pub(crate) parts: RefCell<Temp<f32>>,
+    pub(crate) live: Live,
     /// Half-precision weights: cut f32 activations into two half parts (hi + lo)
     /// for cuBLAS so only the weights' own rounding remains (default), or round
     /// them once (`false`: half the GEMM columns, bf16-level activation error).
     pub split_activations: bool,
+    /// Products of at most this many rows (decode) use the crate's own
+    /// matrix-vector kernel (weights read once, f32 accumulation) instead of
+    /// cuBLAS; 0 sends everything to cuBLAS. Default 8, or `MAMBA_CUDA_GEMV_ROWS`.
+    pub gemv_max_rows: usize,
 }
 
 impl CudaBackend {
@@ -142,7 +205,10 @@ impl CudaBackend {
                 .map_err(CudaError::driver("loading a kernel module"))?;
             for &f in file.functions {
                 let func = module.load_function(f).map_err(CudaError::driver("finding a kernel"))?;
-                funcs.insert(f, func);
+                let sig = compile::signature(file, f).ok_or_else(|| {
+                    CudaError::Input(format!("cannot read the parameters of `{f}` in {}", file.name))
+                })?;
+                funcs.insert(f, (func, sig));
             }
         }
         let blas = Blas::new(&stream)?;
@@ -158,7 +224,12 @@ impl CudaBackend {
             batch: RefCell::default(),
             half_x: RefCell::new(Temp::new()),
             parts: RefCell::new(Temp::new()),
+            live: Live::default(),
             split_activations: true,
+            gemv_max_rows: std::env::var("MAMBA_CUDA_GEMV_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(crate::ops::GEMV_MAX_ROWS),
         })
     }
 
@@ -188,8 +259,9 @@ impl CudaBackend {
         if grid == 0 {
             return Ok(());
         }
-        let f =
+        let (f, sig) =
             self.funcs.get(name).ok_or_else(|| CudaError::Input(format!("kernel `{name}` is not loaded")))?;
+        check_args(name, sig, args)?;
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {

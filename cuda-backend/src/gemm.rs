@@ -10,7 +10,7 @@ use std::ffi::c_void;
 use std::sync::Arc;
 
 use cudarc::cublas::{result as blas, sys};
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use mamba_core::DType;
 
 use crate::error::{CudaError, Result};
@@ -18,7 +18,12 @@ use crate::error::{CudaError, Result};
 /// A cuBLAS handle bound to the backend's stream.
 pub(crate) struct Blas {
     handle: sys::cublasHandle_t,
+    /// cuBLAS's workspace, ours so a captured CUDA graph never sees cuBLAS allocate.
+    _workspace: CudaSlice<u8>,
 }
+
+/// Bytes of cuBLAS workspace (NVIDIA suggests 32 MiB on Hopper).
+const WORKSPACE_BYTES: usize = 32 << 20;
 
 fn blas_err(during: &'static str) -> impl FnOnce(blas::CublasError) -> CudaError {
     move |e| CudaError::Cublas { during, status: format!("{:?}", e.0) }
@@ -27,16 +32,24 @@ fn blas_err(during: &'static str) -> impl FnOnce(blas::CublasError) -> CudaError
 impl Blas {
     pub(crate) fn new(stream: &Arc<CudaStream>) -> Result<Self> {
         let handle = blas::create_handle().map_err(blas_err("creating a handle"))?;
-        // SAFETY: a live handle and the backend's live stream.
+        let workspace = stream
+            .alloc_zeros::<u8>(WORKSPACE_BYTES)
+            .map_err(CudaError::driver("allocating cuBLAS workspace"))?;
+        let ws = workspace.device_ptr(stream).0;
+        // SAFETY: a live handle, the backend's live stream, and a workspace
+        // that lives as long as the handle (both in `Blas`).
         #[allow(unsafe_code)]
         unsafe {
             blas::set_stream(handle, stream.cu_stream() as _).map_err(blas_err("binding the stream"))?;
+            sys::cublasSetWorkspace_v2(handle, ws as *mut c_void, WORKSPACE_BYTES)
+                .result()
+                .map_err(blas_err("setting the workspace"))?;
             // Pedantic-free default math: CUBLAS_COMPUTE_32F below already rules out TF32.
             sys::cublasSetMathMode(handle, sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
                 .result()
                 .map_err(blas_err("setting the math mode"))?;
         }
-        Ok(Blas { handle })
+        Ok(Blas { handle, _workspace: workspace })
     }
 
     /// `c[rows, n_out] = b[rows, k] a[n_out, k]^T` on device addresses; `a` and

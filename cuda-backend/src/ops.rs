@@ -51,6 +51,40 @@ const SCAN_KERNELS: [&str; 8] = [
     "selective_scan_8",
 ];
 
+const GEMV_F32: [&str; 8] = [
+    "gemv_f32_1",
+    "gemv_f32_2",
+    "gemv_f32_3",
+    "gemv_f32_4",
+    "gemv_f32_5",
+    "gemv_f32_6",
+    "gemv_f32_7",
+    "gemv_f32_8",
+];
+const GEMV_F16: [&str; 8] = [
+    "gemv_f16_1",
+    "gemv_f16_2",
+    "gemv_f16_3",
+    "gemv_f16_4",
+    "gemv_f16_5",
+    "gemv_f16_6",
+    "gemv_f16_7",
+    "gemv_f16_8",
+];
+const GEMV_BF16: [&str; 8] = [
+    "gemv_bf16_1",
+    "gemv_bf16_2",
+    "gemv_bf16_3",
+    "gemv_bf16_4",
+    "gemv_bf16_5",
+    "gemv_bf16_6",
+    "gemv_bf16_7",
+    "gemv_bf16_8",
+];
+
+/// Most rows the decode kernel (`gemv_*`) takes; more go to cuBLAS.
+pub(crate) const GEMV_MAX_ROWS: usize = 8;
+
 impl CudaBackend {
     /// Upload a ragged batch as `[offsets (n+1) | slots (n) | seq_of_row (rows)]`;
     /// returns the addresses of the three parts.
@@ -66,7 +100,7 @@ impl CudaBackend {
         for (i, w) in offsets.windows(2).enumerate() {
             host.extend(std::iter::repeat_n(i as u32, w[1] - w[0]));
         }
-        let base = self.batch.borrow_mut().put(&self.stream, &host)?;
+        let base = self.batch.borrow_mut().put(&self.stream, &host, &self.live)?;
         let o = base;
         let s = o + 4 * offsets.len() as u64;
         let r = s + 4 * slots.len() as u64;
@@ -74,7 +108,7 @@ impl CudaBackend {
     }
 
     /// The step's batch: sequence `i` is row `i`, in `slots[i]`.
-    fn upload_step(&self, slots: &[usize]) -> Result<(u64, u64, u64)> {
+    pub(crate) fn upload_step(&self, slots: &[usize]) -> Result<(u64, u64, u64)> {
         let offsets: Vec<usize> = (0..=slots.len()).collect();
         self.upload_batch(&offsets, slots)
     }
@@ -161,7 +195,7 @@ impl MambaOps for CudaBackend {
         if tokens.is_empty() {
             return Ok(());
         }
-        let ids = self.ids.borrow_mut().put(st, tokens)?;
+        let ids = self.ids.borrow_mut().put(st, tokens, &self.live)?;
         let kernel = match table.dtype {
             DType::F32 => "embed_f32",
             DType::F16 => "embed_f16",
@@ -226,6 +260,25 @@ impl MambaOps for CudaBackend {
             return Ok(());
         }
         let wp = w.ptr(st);
+        if rows <= self.gemv_max_rows.min(GEMV_MAX_ROWS) {
+            let names = match w.dtype {
+                DType::F32 => &GEMV_F32,
+                DType::F16 => &GEMV_F16,
+                DType::BF16 => &GEMV_BF16,
+            };
+            let args = [
+                Arg::Ptr(wp),
+                Arg::Ptr(xp),
+                Arg::Ptr(b),
+                Arg::Ptr(op),
+                Arg::U32(to_u32(n_out, "output features")?),
+                Arg::U32(to_u32(k, "input features")?),
+                Arg::U32((k % 8 == 0) as u32),
+            ];
+            // 8 warps per block, one output row per warp.
+            let grid = to_u32(n_out.div_ceil(8), "blocks")?;
+            return self.launch(names[rows - 1], grid, 256, &args);
+        }
         let combine = |c: u64, parts: u32| {
             let args = [
                 Arg::Ptr(c),
@@ -243,7 +296,7 @@ impl MambaOps for CudaBackend {
         }
         let parts: u32 = if self.split_activations { 2 } else { 1 };
         let n = (rows * k) as u64;
-        let hx = self.half_x.borrow_mut().at_least(st, parts as usize * rows * k)?;
+        let hx = self.half_x.borrow_mut().at_least(st, parts as usize * rows * k, &self.live)?;
         let split = if w.dtype == DType::BF16 { "split_bf16" } else { "split_f16" };
         self.launch_elems(split, n, &[Arg::Ptr(xp), Arg::Ptr(hx), Arg::U64(n), Arg::U32(parts)])?;
         if parts == 1 {
@@ -251,7 +304,7 @@ impl MambaOps for CudaBackend {
             return if b != 0 { combine(op, 1) } else { Ok(()) };
         }
         // Both parts as 2*rows columns of one product: the weight is read once.
-        let c = self.parts.borrow_mut().at_least(st, 2 * rows * n_out)?;
+        let c = self.parts.borrow_mut().at_least(st, 2 * rows * n_out, &self.live)?;
         self.blas.gemm(w.dtype, wp, hx, c, 2 * rows, n_out, k)?;
         combine(c, 2)
     }
@@ -414,7 +467,7 @@ impl MambaOps for CudaBackend {
             return Ok(());
         }
         let host: Vec<u32> = rows.iter().map(|&r| to_u32(r, "row")).collect::<Result<_>>()?;
-        let rp = self.rows.borrow_mut().put(st, &host)?;
+        let rp = self.rows.borrow_mut().put(st, &host, &self.live)?;
         let args = [
             Arg::Ptr(x.ptr(st)),
             Arg::Ptr(rp),

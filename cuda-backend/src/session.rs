@@ -59,6 +59,10 @@ impl DeviceScratch {
         }
         for (i, &n) in need.iter().enumerate() {
             if self.bufs.get(i).is_none_or(|b| b.len() < n.max(1)) {
+                if backend.live.capturing.get() {
+                    return Err(CudaError::Input("scratch would grow while a CUDA graph is captured".into()));
+                }
+                backend.live.moved();
                 let data = backend
                     .stream
                     .alloc_zeros::<f32>(n.max(1))
@@ -86,6 +90,8 @@ pub struct CudaSession {
     layout: StateLayout,
     scratch: DeviceScratch,
     ids: Temp<u32>,
+    /// Captured decode steps by batch size (see [`CudaSession::step_greedy_graph`]).
+    graphs: std::collections::HashMap<usize, StepGraph>,
     /// Tokens per prefill chunk (all sequences of the chunk together).
     pub chunk_tokens: usize,
 }
@@ -138,6 +144,7 @@ impl CudaSession {
             layout,
             scratch: DeviceScratch::default(),
             ids: Temp::new(),
+            graphs: Default::default(),
             chunk_tokens: DEFAULT_CHUNK_TOKENS,
         })
     }
@@ -344,6 +351,15 @@ impl CudaSession {
 
     /// Queue one step without reading anything back.
     fn run_step(&mut self, tokens: &[u32], slots: &[usize]) -> Result<()> {
+        self.check_step(tokens, slots)?;
+        let cfg = self.model.cfg;
+        let plan = ScratchPlan::new(&cfg, tokens.len(), tokens.len());
+        let mut s = self.scratch.fit(&self.backend, &plan)?;
+        let model = self.model.model();
+        driver::step(&self.backend, &model, tokens, slots, &mut self.states, &mut s)
+    }
+
+    fn check_step(&self, tokens: &[u32], slots: &[usize]) -> Result<()> {
         if tokens.len() != slots.len() {
             return Err(CudaError::Input(format!(
                 "{} tokens but {} slots: one slot is needed per token",
@@ -352,12 +368,7 @@ impl CudaSession {
             )));
         }
         self.check_slots(slots)?;
-        self.check_tokens(tokens, |i| format!("step of sequence {i} (state slot {})", slots[i]))?;
-        let cfg = self.model.cfg;
-        let plan = ScratchPlan::new(&cfg, tokens.len(), tokens.len());
-        let mut s = self.scratch.fit(&self.backend, &plan)?;
-        let model = self.model.model();
-        driver::step(&self.backend, &model, tokens, slots, &mut self.states, &mut s)
+        self.check_tokens(tokens, |i| format!("step of sequence {i} (state slot {})", slots[i]))
     }
 
     /// One token for each sequence: `tokens[i]` continues `slots[i]`.
@@ -385,13 +396,56 @@ impl CudaSession {
         self.argmax(p, rows, n_valid)
     }
 
-    fn argmax(&mut self, logits: u64, rows: usize, n_valid: usize) -> Result<Vec<u32>> {
-        let vocab = self.model.cfg.vocab_size;
-        if n_valid == 0 || n_valid > vocab {
-            return Err(CudaError::Input(format!("n_valid {n_valid} must be in 1..={vocab}")));
+    /// [`step_greedy`](Self::step_greedy) through a CUDA graph per batch size:
+    /// the first step of a batch size runs eagerly and is then captured
+    /// (embedding, every layer, the head and the argmax); later steps copy
+    /// their token ids and slots into the buffers the graph reads and replay
+    /// it, one launch instead of hundreds. A graph is captured again after
+    /// any buffer it uses was reallocated (a larger prefill, say).
+    ///
+    /// UNVERIFIED: written without a GPU; `gpu.rs` compares it with the
+    /// eager path when a device is present. Batch sizes are graphed as they
+    /// come (no padding to buckets).
+    pub fn step_greedy_graph(&mut self, tokens: &[u32], slots: &[usize], n_valid: usize) -> Result<Vec<u32>> {
+        self.check_step(tokens, slots)?;
+        let b = tokens.len();
+        if b == 0 {
+            return Ok(vec![]);
         }
+        // Stage this step's inputs where the eager ops (and so the graph) read them.
         let st = self.backend.stream.clone();
-        let ids = self.ids.at_least(&st, rows.max(1))?;
+        self.backend.ids.borrow_mut().put(&st, tokens, &self.backend.live)?;
+        self.backend.upload_step(slots)?;
+        let generation = self.backend.live.generation.get();
+        if let Some(g) = self.graphs.get(&b).filter(|g| g.generation == generation && g.n_valid == n_valid) {
+            g.graph.launch().map_err(CudaError::driver("replaying the decode graph"))?;
+            return self.read_ids(g.ids, b);
+        }
+        // Eager step: this step's result, and every buffer at its size for this batch.
+        let out = self.step_greedy(tokens, slots, n_valid)?;
+        let generation = self.backend.live.generation.get();
+        let ids = self.ids.at_least(&st, b, &self.backend.live)?;
+        self.graphs.remove(&b);
+        st.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(CudaError::driver("starting a graph capture"))?;
+        self.backend.live.capturing.set(true);
+        let recorded = self.run_step(tokens, slots).and_then(|()| {
+            let logits = self.scratch.bufs[8].ptr(&st);
+            self.launch_argmax(logits, ids, b, n_valid)
+        });
+        self.backend.live.capturing.set(false);
+        let flags = cudarc::driver::sys::CUgraphInstantiate_flags(0);
+        let graph = st.end_capture(flags).map_err(CudaError::driver("finishing a graph capture"))?;
+        recorded?;
+        let graph = graph.ok_or_else(|| CudaError::Input("the decode graph captured nothing".into()))?;
+        if self.backend.live.generation.get() == generation {
+            self.graphs.insert(b, StepGraph { graph, generation, n_valid, ids });
+        }
+        Ok(out)
+    }
+
+    fn launch_argmax(&self, logits: u64, ids: u64, rows: usize, n_valid: usize) -> Result<()> {
+        let vocab = self.model.cfg.vocab_size;
         let args = [
             Arg::Ptr(logits),
             Arg::Ptr(ids),
@@ -399,17 +453,44 @@ impl CudaSession {
             Arg::U32(vocab as u32),
             Arg::U32(n_valid as u32),
         ];
-        self.backend.launch("argmax_rows", rows as u32, 256, &args)?;
+        self.backend.launch("argmax_rows", rows as u32, 256, &args)
+    }
+
+    /// `rows` ids at device address `ids`, after the queued work.
+    fn read_ids(&self, ids: u64, rows: usize) -> Result<Vec<u32>> {
         let mut host = vec![0u32; rows];
         if rows > 0 {
-            // SAFETY: `ids` holds at least `rows` u32 written by the kernel above, in stream order.
+            // SAFETY: `ids` holds at least `rows` u32 written by queued kernels, in stream order.
             #[allow(unsafe_code)]
-            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut host, ids, st.cu_stream()) }
-                .map_err(CudaError::driver("reading sampled ids"))?;
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(&mut host, ids, self.backend.stream.cu_stream())
+            }
+            .map_err(CudaError::driver("reading sampled ids"))?;
         }
         self.backend.synchronize()?;
         Ok(host)
     }
+
+    fn argmax(&mut self, logits: u64, rows: usize, n_valid: usize) -> Result<Vec<u32>> {
+        let vocab = self.model.cfg.vocab_size;
+        if n_valid == 0 || n_valid > vocab {
+            return Err(CudaError::Input(format!("n_valid {n_valid} must be in 1..={vocab}")));
+        }
+        let st = self.backend.stream.clone();
+        let ids = self.ids.at_least(&st, rows.max(1), &self.backend.live)?;
+        self.launch_argmax(logits, ids, rows, n_valid)?;
+        self.read_ids(ids, rows)
+    }
+}
+
+/// A captured decode step of one batch size.
+struct StepGraph {
+    graph: cudarc::driver::CudaGraph,
+    /// [`crate::device::Live::generation`] at capture.
+    generation: u64,
+    n_valid: usize,
+    /// Where the graph's argmax writes the ids.
+    ids: u64,
 }
 
 /// The first `n` values of `buf`, after the queued work finished.

@@ -309,3 +309,41 @@ fn any_state_size_up_to_256_matches_the_cpu_backend() {
         println!("{what}: max |diff| {worst:.2e}");
     }
 }
+
+#[test]
+fn decode_graphs_replay_the_eager_step() {
+    let t = Truth::load("hf_bf16_untied_sharded");
+    let m = load(&t);
+    let vocab = m.sample_vocab();
+    let seqs: Vec<&[u32]> = t.prompts.iter().map(|p| p.ids.as_slice()).collect();
+    // 1 and 3 sequences take the decode kernel, 12 the cuBLAS path.
+    for batch in [1usize, 3, 12] {
+        let Some(mut eager) = session("decode graphs", &m, batch) else { return };
+        let Some(mut graph) = session("decode graphs", &m, batch) else { return };
+        let slots: Vec<usize> = (0..batch).collect();
+        let prompts: Vec<&[u32]> = (0..batch).map(|i| seqs[i % seqs.len()]).collect();
+        eager.prefill(&prompts, &slots, LogitsMode::Last).unwrap();
+        graph.prefill(&prompts, &slots, LogitsMode::Last).unwrap();
+        let mut a: Vec<u32> = (0..batch as u32).map(|i| i % 7 + 1).collect();
+        let mut b = a.clone();
+        for step in 0..6 {
+            a = eager.step_greedy(&a, &slots, vocab).unwrap();
+            b = graph.step_greedy_graph(&b, &slots, vocab).unwrap();
+            assert_eq!(a, b, "batch {batch}, step {step}: graph replay picks other tokens");
+        }
+        // A prefill that grows the buffers in between forces a new capture.
+        let long: Vec<u32> = (0..300u32).map(|i| i % 50 + 1).collect();
+        eager.prefill(&[&long], &[0], LogitsMode::Last).unwrap();
+        graph.prefill(&[&long], &[0], LogitsMode::Last).unwrap();
+        for step in 6..9 {
+            a = eager.step_greedy(&a, &slots, vocab).unwrap();
+            b = graph.step_greedy_graph(&b, &slots, vocab).unwrap();
+            assert_eq!(a, b, "batch {batch}, step {step} (after a prefill): graph replay differs");
+        }
+        for &s in &slots {
+            let (x, y) = (eager.slot_state(s).unwrap(), graph.slot_state(s).unwrap());
+            let want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            assert_close(&format!("batch {batch} slot {s} state, eager vs graph"), &y, &want, 1e-6);
+        }
+    }
+}

@@ -3,7 +3,9 @@
 //! (`MAMBA_CUDA_INCLUDE`), no GPU. Without them the test prints
 //! `skipped: <reason>` and passes, unless `MAMBA_REQUIRE_NVRTC=1` (CI sets it).
 
-use mamba_cuda::compile::{compile_all_uncached, include_dir, nvrtc_version, KERNEL_FILES};
+use mamba_cuda::compile::{
+    compile_all_uncached, include_dir, nvrtc_version, signature, ParamKind, KERNEL_FILES,
+};
 
 fn required() -> bool {
     std::env::var("MAMBA_REQUIRE_NVRTC").is_ok_and(|v| !v.is_empty() && v != "0")
@@ -34,13 +36,25 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
 }
 
 #[test]
-fn every_kernel_file_lists_entry_points_it_defines() {
+fn every_entry_point_has_a_signature_the_launcher_can_pass() {
     for f in KERNEL_FILES {
         assert!(!f.functions.is_empty(), "{} lists no entry point", f.name);
         for name in f.functions {
-            let defined = f.source.contains(&format!("void {name}("))
-                || (name.starts_with("selective_scan_") && f.source.contains("selective_scan_##NPT"));
-            assert!(defined, "{} does not define `{name}`", f.name);
+            let sig = signature(f, name)
+                .unwrap_or_else(|| panic!("{}: no readable signature for `{name}`", f.name));
+            assert!(!sig.is_empty(), "{}: `{name}` has no parameters", f.name);
         }
     }
+    // Spot checks of the parser on a plain and a macro-made kernel.
+    let scan = KERNEL_FILES.iter().find(|f| f.name == "scan.cu").unwrap();
+    let s = signature(scan, "selective_scan_3").unwrap();
+    assert_eq!(s.len(), 17);
+    assert_eq!(&s[14..], &[ParamKind::U64, ParamKind::U64, ParamKind::U32]);
+    let norm = KERNEL_FILES.iter().find(|f| f.name == "norm.cu").unwrap();
+    let s = signature(norm, "rms_norm").unwrap();
+    use ParamKind::*;
+    assert_eq!(s, vec![Ptr, Ptr, Ptr, U32, U32, F32]);
+    let lin = KERNEL_FILES.iter().find(|f| f.name == "linear.cu").unwrap();
+    assert_eq!(signature(lin, "gemv_bf16_8").unwrap(), vec![Ptr, Ptr, Ptr, Ptr, U32, U32, U32]);
+    assert!(signature(lin, "no_such_kernel").is_none());
 }

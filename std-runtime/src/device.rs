@@ -197,6 +197,9 @@ pub struct CudaBenchReport {
     pub prefill_tok_s: f64,
     /// Generated tokens (all sequences) per second, greedy sampling on the device.
     pub decode_tok_s: f64,
+    /// The same through CUDA graphs ([`CudaSession::step_greedy_graph`]), when asked for:
+    /// tokens/s, or why it failed.
+    pub decode_graph: Option<std::result::Result<f64, String>>,
     /// Weight bytes one decode step reads (every layer and the head).
     pub step_weight_bytes: usize,
     /// `batch * bandwidth / step_weight_bytes`: decode tokens/s if a step cost only its weight reads.
@@ -215,6 +218,8 @@ impl CudaBenchReport {
             "step_weight_bytes": self.step_weight_bytes,
             "decode_bound_tokens_per_s": self.decode_bound_tok_s,
             "decode_fraction_of_bound": self.decode_tok_s / self.decode_bound_tok_s.max(1e-9),
+            "decode_graph_tokens_per_s": self.decode_graph.as_ref().and_then(|r| r.as_ref().ok()),
+            "decode_graph_error": self.decode_graph.as_ref().and_then(|r| r.as_ref().err()),
         })
     }
 }
@@ -229,7 +234,9 @@ fn median(mut v: Vec<Duration>) -> f64 {
 /// line), then `gen_tokens` greedy steps of `batch` sequences, each phase
 /// `repeats` times (median). `bandwidth` (bytes/s) sets the decode bound.
 /// Decode sequences start from copies of the prefilled state (a step costs
-/// the same at any position).
+/// the same at any position). With `graphs`, decode is timed a second time
+/// through CUDA graphs.
+#[allow(clippy::too_many_arguments)]
 pub fn bench_cuda(
     model: &LoadedModel,
     index: usize,
@@ -238,6 +245,7 @@ pub fn bench_cuda(
     gen_tokens: usize,
     repeats: usize,
     bandwidth: f64,
+    graphs: bool,
 ) -> Result<Vec<CudaBenchReport>> {
     let max_batch = batches.iter().copied().max().unwrap_or(1).max(1);
     if prompt_tokens == 0 || repeats == 0 {
@@ -280,13 +288,30 @@ pub fn bench_cuda(
             times.push(t0.elapsed());
         }
         let decode = median(times);
+        let rate = |secs: f64| if secs > 0.0 { (gen_tokens * batch) as f64 / secs } else { 0.0 };
+        let decode_graph = graphs.then(|| {
+            let mut times = vec![];
+            // Two warm-up steps: the eager one that captures, then a first replay.
+            for _ in 0..2 {
+                next = s.step_greedy_graph(&next, &slots, vocab).map_err(|e| e.to_string())?;
+            }
+            for _ in 0..repeats {
+                let t0 = Instant::now();
+                for _ in 0..gen_tokens {
+                    next = s.step_greedy_graph(&next, &slots, vocab).map_err(|e| e.to_string())?;
+                }
+                times.push(t0.elapsed());
+            }
+            Ok(rate(median(times)))
+        });
         out.push(CudaBenchReport {
             device: device.clone(),
             batch,
             prompt_tokens,
             gen_tokens,
             prefill_tok_s,
-            decode_tok_s: if decode > 0.0 { (gen_tokens * batch) as f64 / decode } else { 0.0 },
+            decode_tok_s: rate(decode),
+            decode_graph,
             step_weight_bytes: step_bytes,
             decode_bound_tok_s: batch as f64 * bandwidth / step_bytes.max(1) as f64,
         });

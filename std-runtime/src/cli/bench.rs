@@ -21,6 +21,9 @@ pub struct BenchArgs {
     /// (weight bytes read per step at this rate).
     #[arg(long, default_value_t = 4300.0)]
     pub bandwidth_gb_s: f64,
+    /// With --device cuda: also time decode through CUDA graphs (unverified path).
+    #[arg(long)]
+    pub cuda_graphs: bool,
     /// Synthetic weights of a published shape: 130m, 370m, 790m, 1.4b, 2.8b (instead of --model).
     #[arg(long, conflicts_with = "model")]
     pub shape: Option<String>,
@@ -121,11 +124,11 @@ pub fn run_cmd(a: BenchArgs) -> Result<()> {
 /// greedy sampling on the device.
 fn run_cuda(a: &BenchArgs, model: &LoadedModel, shape: &str, index: usize, batches: &[usize]) -> Result<()> {
     let bw = a.bandwidth_gb_s * 1e9;
-    let reports = bench_cuda(model, index, batches, a.prompt_len, a.gen_len, a.repeat, bw)
+    let reports = bench_cuda(model, index, batches, a.prompt_len, a.gen_len, a.repeat, bw, a.cuda_graphs)
         .context("benchmark on the device")?;
     if !a.json {
         println!(
-            "device  shape  batch  prefill tok/s ({} tok)  decode tok/s  bound tok/s  of bound",
+            "device  shape  batch  prefill tok/s ({} tok)  decode tok/s  bound tok/s  of bound  graph decode tok/s",
             a.prompt_len
         );
     }
@@ -138,13 +141,18 @@ fn run_cuda(a: &BenchArgs, model: &LoadedModel, shape: &str, index: usize, batch
             println!("{v}");
         } else {
             println!(
-                "{}  {shape}  {}  {:.0}  {:.1}  {:.1}  {:.0}%",
+                "{}  {shape}  {}  {:.0}  {:.1}  {:.1}  {:.0}%  {}",
                 r.device,
                 r.batch,
                 r.prefill_tok_s,
                 r.decode_tok_s,
                 r.decode_bound_tok_s,
-                100.0 * r.decode_tok_s / r.decode_bound_tok_s.max(1e-9)
+                100.0 * r.decode_tok_s / r.decode_bound_tok_s.max(1e-9),
+                match &r.decode_graph {
+                    None => "-".to_string(),
+                    Some(Ok(v)) => format!("{v:.1}"),
+                    Some(Err(e)) => format!("failed: {e}"),
+                }
             );
         }
     }

@@ -12,16 +12,8 @@ use cudarc::driver::{
 use crate::compile::{self, ParamKind, KERNEL_FILES};
 use crate::error::{CudaError, Result};
 use crate::gemm::Blas;
+use crate::plan::{Arg, Launch};
 use crate::probe::{self, Lib};
-
-/// One kernel argument: a device address or a scalar.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Arg {
-    Ptr(u64),
-    U32(u32),
-    U64(u64),
-    F32(f32),
-}
 
 /// Host values copied to a device buffer that is reused while the values
 /// stay the same (a ragged batch's descriptor is read by every layer).
@@ -229,7 +221,7 @@ impl CudaBackend {
             gemv_max_rows: std::env::var("MAMBA_CUDA_GEMV_ROWS")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(crate::ops::GEMV_MAX_ROWS),
+                .unwrap_or(crate::plan::GEMV_MAX_ROWS),
         })
     }
 
@@ -254,9 +246,10 @@ impl CudaBackend {
         self.stream.synchronize().map_err(CudaError::driver("waiting for the device"))
     }
 
-    /// Launch kernel `name` over `grid` x `block` threads.
-    pub(crate) fn launch(&self, name: &'static str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
-        if grid == 0 {
+    /// Queue one planned launch (see [`crate::plan`]).
+    pub(crate) fn run(&self, l: &Launch) -> Result<()> {
+        let Launch { kernel: name, grid, block, args } = l;
+        if *grid == 0 {
             return Ok(());
         }
         let (f, sig) =
@@ -270,18 +263,11 @@ impl CudaBackend {
                 Arg::F32(v) => b.arg(v),
             };
         }
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: every kernel's parameter list is matched by its caller in ops.rs
-        // (addresses as u64, sizes as u32/u64), and callers check buffer sizes first.
+        let cfg = LaunchConfig { grid_dim: (*grid, 1, 1), block_dim: (*block, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the argument kinds match the kernel's parameters (checked
+        // above) and callers checked every buffer's size before planning.
         #[allow(unsafe_code)]
         unsafe { b.launch(cfg) }.map_err(CudaError::driver(name))?;
         Ok(())
-    }
-
-    /// Launch an element-wise kernel over `n` items with a grid-stride loop.
-    pub(crate) fn launch_elems(&self, name: &'static str, n: u64, args: &[Arg]) -> Result<()> {
-        const BLOCK: u32 = 256;
-        let blocks = n.div_ceil(BLOCK as u64).min(1 << 16) as u32;
-        self.launch(name, blocks, BLOCK, args)
     }
 }

@@ -24,6 +24,7 @@ pub mod error;
 mod gemm;
 mod model;
 mod ops;
+pub mod plan;
 pub mod probe;
 mod session;
 mod weight;

@@ -7,7 +7,7 @@ use cudarc::driver::DevicePtr;
 use mamba_core::{driver, CoreError, MambaConfig, Model, Ragged, Scratch, ScratchPlan, StateLayout, Tensor};
 
 use crate::buf::DeviceBuf;
-use crate::device::{Arg, CudaBackend, Temp};
+use crate::device::{CudaBackend, Temp};
 use crate::error::{CudaError, Result};
 use crate::model::DeviceModel;
 
@@ -445,15 +445,7 @@ impl CudaSession {
     }
 
     fn launch_argmax(&self, logits: u64, ids: u64, rows: usize, n_valid: usize) -> Result<()> {
-        let vocab = self.model.cfg.vocab_size;
-        let args = [
-            Arg::Ptr(logits),
-            Arg::Ptr(ids),
-            Arg::U32(rows as u32),
-            Arg::U32(vocab as u32),
-            Arg::U32(n_valid as u32),
-        ];
-        self.backend.launch("argmax_rows", rows as u32, 256, &args)
+        self.backend.run(&crate::plan::argmax(logits, ids, rows, self.model.cfg.vocab_size, n_valid))
     }
 
     /// `rows` ids at device address `ids`, after the queued work.

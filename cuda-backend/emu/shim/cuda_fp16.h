@@ -1,0 +1,1 @@
+// Empty: the emulator defines the half types in cuda_emu.h.

@@ -1,0 +1,376 @@
+//! Which kernels an operation launches, with which arguments: pure functions
+//! of device addresses and sizes, so the same plans run on a GPU
+//! ([`crate::CudaBackend`]) and, in the tests, on a CPU emulation of the
+//! kernels (`tests/emulated.rs`) that checks them against mamba-core.
+//!
+//! Addresses are `u64` device pointers (0 for an absent bias); sizes are
+//! checked by the caller. Every plan's argument list matches its kernel's
+//! parameter list in `kernels/*.cu` (checked again at launch).
+
+use mamba_core::DType;
+
+/// One kernel argument: a device address or a scalar.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Arg {
+    Ptr(u64),
+    U32(u32),
+    U64(u64),
+    F32(f32),
+}
+
+/// One kernel launch over `grid` blocks of `block` threads (1-D).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Launch {
+    pub kernel: &'static str,
+    pub grid: u32,
+    pub block: u32,
+    pub args: Vec<Arg>,
+}
+
+/// Threads per block of the element-wise (grid-stride) kernels.
+const ELEM_BLOCK: u32 = 256;
+
+/// An element-wise kernel over `n` items: grid-stride loops, so the grid is capped.
+fn elems(kernel: &'static str, n: u64, args: Vec<Arg>) -> Launch {
+    let grid = n.div_ceil(ELEM_BLOCK as u64).min(1 << 16) as u32;
+    Launch { kernel, grid, block: ELEM_BLOCK, args }
+}
+
+/// Fits the kernels' 32-bit sizes (callers check first; saturates otherwise).
+fn u(v: usize) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+/// `out[t] = table[ids[t]]`: table `[vocab, d_model]` of `dtype`, out `[n, d_model]` f32.
+pub fn embed(dtype: DType, table: u64, ids: u64, out: u64, n: usize, d_model: usize) -> Launch {
+    let kernel = match dtype {
+        DType::F32 => "embed_f32",
+        DType::F16 => "embed_f16",
+        DType::BF16 => "embed_bf16",
+    };
+    let args = vec![Arg::Ptr(table), Arg::Ptr(ids), Arg::Ptr(out), Arg::U32(u(n)), Arg::U32(u(d_model))];
+    elems(kernel, (n * d_model) as u64, args)
+}
+
+/// RMSNorm of `rows` rows of width `d`; one block per row.
+pub fn rms_norm(x: u64, w: u64, out: u64, rows: usize, d: usize, eps: f32) -> Launch {
+    let args =
+        vec![Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(out), Arg::U32(u(rows)), Arg::U32(u(d)), Arg::F32(eps)];
+    Launch { kernel: "rms_norm", grid: u(rows), block: 256, args }
+}
+
+/// `acc[..len] += x[..len]`.
+pub fn add_assign(acc: u64, x: u64, len: usize) -> Launch {
+    elems("add_assign", len as u64, vec![Arg::Ptr(acc), Arg::Ptr(x), Arg::U64(len as u64)])
+}
+
+/// Most rows the decode kernel takes; more go to cuBLAS.
+pub const GEMV_MAX_ROWS: usize = 8;
+
+const GEMV_F32: [&str; 8] = [
+    "gemv_f32_1",
+    "gemv_f32_2",
+    "gemv_f32_3",
+    "gemv_f32_4",
+    "gemv_f32_5",
+    "gemv_f32_6",
+    "gemv_f32_7",
+    "gemv_f32_8",
+];
+const GEMV_F16: [&str; 8] = [
+    "gemv_f16_1",
+    "gemv_f16_2",
+    "gemv_f16_3",
+    "gemv_f16_4",
+    "gemv_f16_5",
+    "gemv_f16_6",
+    "gemv_f16_7",
+    "gemv_f16_8",
+];
+const GEMV_BF16: [&str; 8] = [
+    "gemv_bf16_1",
+    "gemv_bf16_2",
+    "gemv_bf16_3",
+    "gemv_bf16_4",
+    "gemv_bf16_5",
+    "gemv_bf16_6",
+    "gemv_bf16_7",
+    "gemv_bf16_8",
+];
+
+/// `out[rows, n_out] = x[rows, k] w[n_out, k]^T (+ bias)` for 1..=8 rows:
+/// one warp per output row, 8 rows per block.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv(
+    dtype: DType,
+    w: u64,
+    x: u64,
+    bias: u64,
+    out: u64,
+    rows: usize,
+    n_out: usize,
+    k: usize,
+) -> Launch {
+    let names = match dtype {
+        DType::F32 => &GEMV_F32,
+        DType::F16 => &GEMV_F16,
+        DType::BF16 => &GEMV_BF16,
+    };
+    let args = vec![
+        Arg::Ptr(w),
+        Arg::Ptr(x),
+        Arg::Ptr(bias),
+        Arg::Ptr(out),
+        Arg::U32(u(n_out)),
+        Arg::U32(u(k)),
+        Arg::U32(k.is_multiple_of(8) as u32),
+    ];
+    let kernel = names[rows.clamp(1, GEMV_MAX_ROWS) - 1];
+    Launch { kernel, grid: u(n_out.div_ceil(8)), block: 256, args }
+}
+
+/// f32 `x[n]` into `parts` half-precision parts `[parts, n]` (hi, then lo).
+pub fn split(dtype: DType, x: u64, out: u64, n: usize, parts: u32) -> Launch {
+    let kernel = if dtype == DType::BF16 { "split_bf16" } else { "split_f16" };
+    elems(kernel, n as u64, vec![Arg::Ptr(x), Arg::Ptr(out), Arg::U64(n as u64), Arg::U32(parts)])
+}
+
+/// `out[r, o] = sum_p c[p, r, o] + bias[o]`.
+pub fn combine(c: u64, out: u64, bias: u64, rows: usize, n_out: usize, parts: u32) -> Launch {
+    let args = vec![
+        Arg::Ptr(c),
+        Arg::Ptr(out),
+        Arg::Ptr(bias),
+        Arg::U32(u(rows)),
+        Arg::U32(u(n_out)),
+        Arg::U32(parts),
+    ];
+    elems("combine_parts", (rows * n_out) as u64, args)
+}
+
+/// `dt = softplus(dbc[:, :dt_rank] w^T + bias)` for `rows` rows.
+#[allow(clippy::too_many_arguments)]
+pub fn dt_proj_softplus(
+    dbc: u64,
+    w: u64,
+    bias: u64,
+    dt: u64,
+    rows: usize,
+    d_inner: usize,
+    dt_rank: usize,
+    xp: usize,
+) -> Launch {
+    let args = vec![
+        Arg::Ptr(dbc),
+        Arg::Ptr(w),
+        Arg::Ptr(bias),
+        Arg::Ptr(dt),
+        Arg::U32(u(rows)),
+        Arg::U32(u(d_inner)),
+        Arg::U32(u(dt_rank)),
+        Arg::U32(u(xp)),
+    ];
+    elems("dt_proj_softplus", (rows * d_inner) as u64, args)
+}
+
+/// A ragged batch as the kernels read it: `[offsets (n+1) | slots (n) | seq_of_row (rows)]`.
+pub fn batch_descriptor(offsets: &[usize], slots: &[usize]) -> Vec<u32> {
+    let rows = *offsets.last().unwrap_or(&0);
+    let mut host = Vec::with_capacity(offsets.len() + slots.len() + rows);
+    host.extend(offsets.iter().map(|&o| u(o)));
+    host.extend(slots.iter().map(|&s| u(s)));
+    for (i, w) in offsets.windows(2).enumerate() {
+        host.extend(std::iter::repeat_n(i as u32, w[1] - w[0]));
+    }
+    host
+}
+
+/// Addresses of the three parts of a [`batch_descriptor`] uploaded at `base`.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchPtrs {
+    pub offsets: u64,
+    pub slots: u64,
+    pub seq_of_row: u64,
+}
+
+impl BatchPtrs {
+    pub fn at(base: u64, n_seqs: usize) -> Self {
+        let slots = base + 4 * (n_seqs as u64 + 1);
+        BatchPtrs { offsets: base, slots, seq_of_row: slots + 4 * n_seqs as u64 }
+    }
+}
+
+/// Where one layer's states sit in a slot: slot stride, conv and SSM offsets (f32 values).
+#[derive(Clone, Copy, Debug)]
+pub struct StatePlace {
+    pub slot_len: u64,
+    pub conv_off: u64,
+    pub ssm_off: u64,
+}
+
+impl StatePlace {
+    pub fn of(cfg: &mamba_core::MambaConfig, layer: usize) -> Self {
+        let l = cfg.state_layout();
+        let conv_off = (layer * l.layer_len()) as u64;
+        StatePlace { slot_len: l.slot_len() as u64, conv_off, ssm_off: conv_off + l.conv_len() as u64 }
+    }
+}
+
+/// Causal conv1d + SiLU over a ragged prefill: outputs (reading the old
+/// states), then the new states. xz `[rows, 2*d_inner]`, out `[rows, d_inner]`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv1d_prefill(
+    xz: u64,
+    w: u64,
+    bias: u64,
+    states: u64,
+    out: u64,
+    batch: BatchPtrs,
+    rows: usize,
+    n_seqs: usize,
+    d_inner: usize,
+    d_conv: usize,
+    place: StatePlace,
+) -> [Launch; 2] {
+    let out_args = vec![
+        Arg::Ptr(xz),
+        Arg::Ptr(w),
+        Arg::Ptr(bias),
+        Arg::Ptr(states),
+        Arg::Ptr(out),
+        Arg::Ptr(batch.seq_of_row),
+        Arg::Ptr(batch.offsets),
+        Arg::Ptr(batch.slots),
+        Arg::U32(u(rows)),
+        Arg::U32(u(d_inner)),
+        Arg::U32(u(d_conv)),
+        Arg::U64(place.slot_len),
+        Arg::U64(place.conv_off),
+    ];
+    let state_args = vec![
+        Arg::Ptr(xz),
+        Arg::Ptr(states),
+        Arg::Ptr(batch.offsets),
+        Arg::Ptr(batch.slots),
+        Arg::U32(u(n_seqs)),
+        Arg::U32(u(d_inner)),
+        Arg::U32(u(d_conv)),
+        Arg::U64(place.slot_len),
+        Arg::U64(place.conv_off),
+    ];
+    [
+        elems("conv1d_prefill_out", (rows * d_inner) as u64, out_args),
+        elems("conv1d_prefill_state", (n_seqs * d_inner) as u64, state_args),
+    ]
+}
+
+/// One token per sequence: row `b` of xz continues `slots[b]`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv1d_step(
+    xz: u64,
+    w: u64,
+    bias: u64,
+    states: u64,
+    out: u64,
+    slots: u64,
+    batch: usize,
+    d_inner: usize,
+    d_conv: usize,
+    place: StatePlace,
+) -> Launch {
+    let args = vec![
+        Arg::Ptr(xz),
+        Arg::Ptr(w),
+        Arg::Ptr(bias),
+        Arg::Ptr(states),
+        Arg::Ptr(out),
+        Arg::Ptr(slots),
+        Arg::U32(u(batch)),
+        Arg::U32(u(d_inner)),
+        Arg::U32(u(d_conv)),
+        Arg::U64(place.slot_len),
+        Arg::U64(place.conv_off),
+    ];
+    elems("conv1d_step", (batch * d_inner) as u64, args)
+}
+
+/// Scan lanes per (sequence, channel) and states per lane for `d_state` (<= 256).
+pub fn scan_shape(d_state: usize) -> (u32, u32) {
+    if d_state <= 32 {
+        (d_state.next_power_of_two() as u32, 1)
+    } else {
+        (32, d_state.div_ceil(32) as u32)
+    }
+}
+
+const SCAN_KERNELS: [&str; 8] = [
+    "selective_scan_1",
+    "selective_scan_2",
+    "selective_scan_3",
+    "selective_scan_4",
+    "selective_scan_5",
+    "selective_scan_6",
+    "selective_scan_7",
+    "selective_scan_8",
+];
+
+/// The device addresses a scan reads and writes.
+#[derive(Clone, Copy, Debug)]
+pub struct ScanPtrs {
+    pub x: u64,
+    pub dt: u64,
+    pub dbc: u64,
+    pub xz: u64,
+    pub a: u64,
+    pub d: u64,
+    pub states: u64,
+    pub y: u64,
+}
+
+/// Selective scan + D skip + SiLU(z) gate over `n_seqs` sequences (rows per
+/// `batch.offsets`), from and into each slot's SSM state. `d_state <= 256`.
+pub fn scan(
+    p: ScanPtrs,
+    batch: BatchPtrs,
+    n_seqs: usize,
+    cfg: &mamba_core::MambaConfig,
+    place: StatePlace,
+) -> Launch {
+    let (group, npt) = scan_shape(cfg.d_state);
+    let threads = (n_seqs * cfg.d_inner) as u64 * group as u64;
+    const BLOCK: u64 = 128;
+    let args = vec![
+        Arg::Ptr(p.x),
+        Arg::Ptr(p.dt),
+        Arg::Ptr(p.dbc),
+        Arg::Ptr(p.xz),
+        Arg::Ptr(p.a),
+        Arg::Ptr(p.d),
+        Arg::Ptr(p.states),
+        Arg::Ptr(p.y),
+        Arg::Ptr(batch.offsets),
+        Arg::Ptr(batch.slots),
+        Arg::U32(u(n_seqs)),
+        Arg::U32(u(cfg.d_inner)),
+        Arg::U32(u(cfg.d_state)),
+        Arg::U32(u(cfg.dt_rank)),
+        Arg::U64(place.slot_len),
+        Arg::U64(place.ssm_off),
+        Arg::U32(group),
+    ];
+    let kernel = SCAN_KERNELS[(npt as usize).clamp(1, 8) - 1];
+    Launch { kernel, grid: u(threads.div_ceil(BLOCK) as usize), block: BLOCK as u32, args }
+}
+
+/// `out[i] = x[rows[i]]` for `n` rows of `width`.
+pub fn gather_rows(x: u64, rows: u64, out: u64, n: usize, width: usize) -> Launch {
+    let args = vec![Arg::Ptr(x), Arg::Ptr(rows), Arg::Ptr(out), Arg::U32(u(n)), Arg::U32(u(width))];
+    elems("gather_rows", (n * width) as u64, args)
+}
+
+/// `ids[r] = argmax(logits[r, :n_valid])` for `rows` rows of `width`.
+pub fn argmax(logits: u64, ids: u64, rows: usize, width: usize, n_valid: usize) -> Launch {
+    let args =
+        vec![Arg::Ptr(logits), Arg::Ptr(ids), Arg::U32(u(rows)), Arg::U32(u(width)), Arg::U32(u(n_valid))];
+    Launch { kernel: "argmax_rows", grid: u(rows), block: 256, args }
+}

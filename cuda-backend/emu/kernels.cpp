@@ -86,6 +86,11 @@ static const Named KERNELS[] = {
     GEMV_ENTRIES(f32, float), GEMV_ENTRIES(f16, __half), GEMV_ENTRIES(bf16, __nv_bfloat16),
     {"argmax_rows",
      [](void** p) { argmax_rows(A(0, const float*), A(1, u32*), A(2, u32), A(3, u32), A(4, u32)); }},
+    {"sample_rows",
+     [](void** p) {
+         sample_rows(A(0, const float*), A(1, const float*), A(2, const double*), A(3, u32*), A(4, u32), A(5, u32),
+                     A(6, u32));
+     }},
 };
 
 // Run kernel `name` over grid x block threads. Returns 0, or -1 for an unknown kernel.

@@ -33,5 +33,5 @@ pub use buf::DeviceBuf;
 pub use device::CudaBackend;
 pub use error::{CudaError, Result};
 pub use model::DeviceModel;
-pub use session::{slots_for_memory, CudaSession, LogitsMode, DEFAULT_CHUNK_TOKENS};
+pub use session::{slots_for_memory, CudaSession, DeviceSampling, LogitsMode, DEFAULT_CHUNK_TOKENS};
 pub use weight::{upload_f32, upload_stored, DeviceWeight};

@@ -374,3 +374,27 @@ pub fn argmax(logits: u64, ids: u64, rows: usize, width: usize, n_valid: usize) 
         vec![Arg::Ptr(logits), Arg::Ptr(ids), Arg::U32(u(rows)), Arg::U32(u(width)), Arg::U32(u(n_valid))];
     Launch { kernel: "argmax_rows", grid: u(rows), block: 256, args }
 }
+
+/// Temperature / top-k / min-p / top-p sampling of `rows` rows (see
+/// `kernels/sample.cu`): params `[rows, 4]` f32 (temperature, top_k, top_p,
+/// min_p), u `[rows]` f64 uniforms, ids `[rows]` u32.
+pub fn sample(
+    logits: u64,
+    params: u64,
+    uniforms: u64,
+    ids: u64,
+    rows: usize,
+    width: usize,
+    n_valid: usize,
+) -> Launch {
+    let args = vec![
+        Arg::Ptr(logits),
+        Arg::Ptr(params),
+        Arg::Ptr(uniforms),
+        Arg::Ptr(ids),
+        Arg::U32(u(rows)),
+        Arg::U32(u(width)),
+        Arg::U32(u(n_valid)),
+    ];
+    Launch { kernel: "sample_rows", grid: u(rows), block: 256, args }
+}

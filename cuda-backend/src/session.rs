@@ -32,6 +32,21 @@ impl LogitsMode {
     }
 }
 
+/// Sampling settings of one row for [`CudaSession::step_sample`]: the CPU
+/// sampler's temperature, top-k, top-p and min-p (no penalties; see
+/// `kernels/sample.cu` for the one approximation, at most 256 candidates when top_k is 0).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeviceSampling {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = no limit.
+    pub top_k: usize,
+    /// 1 = no limit.
+    pub top_p: f32,
+    /// 0 = off.
+    pub min_p: f32,
+}
+
 /// Default prefill chunk (tokens of all sequences together).
 pub const DEFAULT_CHUNK_TOKENS: usize = 2048;
 
@@ -386,6 +401,58 @@ impl CudaSession {
         self.run_step(tokens, slots)?;
         let logits = self.scratch.bufs[8].ptr(&self.backend.stream);
         self.argmax(logits, tokens.len(), n_valid)
+    }
+
+    /// One step and sampling on the device: row `i` with `sampling[i]` and the
+    /// uniform `uniforms[i]` in [0, 1) (from the caller's seeded generator, so
+    /// results are reproducible). Only `B` ids cross to the host.
+    pub fn step_sample(
+        &mut self,
+        tokens: &[u32],
+        slots: &[usize],
+        sampling: &[DeviceSampling],
+        uniforms: &[f64],
+        n_valid: usize,
+    ) -> Result<Vec<u32>> {
+        let b = tokens.len();
+        if sampling.len() != b || uniforms.len() != b {
+            return Err(CudaError::Input(format!(
+                "{b} tokens but {} sampling settings and {} uniforms",
+                sampling.len(),
+                uniforms.len()
+            )));
+        }
+        for (i, (sp, &u)) in sampling.iter().zip(uniforms).enumerate() {
+            let ok = sp.temperature.is_finite()
+                && sp.temperature >= 0.0
+                && sp.top_p > 0.0
+                && sp.top_p <= 1.0
+                && (0.0..=1.0).contains(&sp.min_p)
+                && (0.0..1.0).contains(&u)
+                && sp.top_k < 1 << 24;
+            if !ok {
+                return Err(CudaError::Input(format!(
+                    "row {i}: bad sampling settings {sp:?} or uniform {u}"
+                )));
+            }
+        }
+        let vocab = self.model.cfg.vocab_size;
+        if n_valid == 0 || n_valid > vocab {
+            return Err(CudaError::Input(format!("n_valid {n_valid} must be in 1..={vocab}")));
+        }
+        self.run_step(tokens, slots)?;
+        let st = self.backend.stream.clone();
+        let params: Vec<f32> =
+            sampling.iter().flat_map(|s| [s.temperature, s.top_k as f32, s.top_p, s.min_p]).collect();
+        let params = st.clone_htod(&params).map_err(CudaError::driver("uploading sampling settings"))?;
+        let u = st.clone_htod(uniforms).map_err(CudaError::driver("uploading uniforms"))?;
+        let ids = self.ids.at_least(&st, b.max(1), &self.backend.live)?;
+        let logits = self.scratch.bufs[8].ptr(&st);
+        let (pp, up) = (params.device_ptr(&st).0, u.device_ptr(&st).0);
+        self.backend.run(&crate::plan::sample(logits, pp, up, ids, b, vocab, n_valid))?;
+        let out = self.read_ids(ids, b);
+        drop((params, u)); // after read_ids synchronised
+        out
     }
 
     /// Greedy choice of each of the last prefill's `rows` logits rows, on the device.

@@ -621,3 +621,38 @@ fn emulated_state_sizes_and_the_cublas_layout_match_the_cpu() {
     let worst = assert_close("bf16 weights, split activations: emulated vs CPU", &got, &want, 1e-3);
     println!("bf16 split path: max |diff| vs CPU {worst:.2e}");
 }
+
+#[test]
+fn emulated_device_sampling_picks_what_the_cpu_sampler_picks() {
+    use mamba_runtime::sampling::{Rng, Sampler, SamplingParams};
+    if !ready() {
+        return;
+    }
+    let (width, n_valid) = (700usize, 650usize);
+    let mut rng = Rng::new(7);
+    let settings = [
+        (0.0f32, 0usize, 1.0f32, 0.0f32),
+        (0.8, 40, 0.95, 0.0),
+        (1.0, 0, 0.9, 0.0),
+        (1.3, 5, 1.0, 0.0),
+        (0.7, 0, 1.0, 0.05),
+        (1.0, 300, 0.5, 0.0),
+        (0.5, 1, 1.0, 0.0),
+    ];
+    let rows = 24;
+    let logits: Vec<f32> = (0..rows * width).map(|_| (rng.next_f64() * 8.0 - 4.0) as f32).collect();
+    let mut params = vec![];
+    let mut u = vec![];
+    let mut want = vec![];
+    for r in 0..rows {
+        let (temperature, top_k, top_p, min_p) = settings[r % settings.len()];
+        let seed = 1000 + r as u64;
+        let sp = SamplingParams { temperature, top_k, top_p, min_p, seed, ..SamplingParams::default() };
+        want.push(Sampler::new(sp).sample(&logits[r * width..(r + 1) * width], n_valid));
+        u.push(Rng::new(seed).next_f64());
+        params.extend([temperature, top_k as f32, top_p, min_p]);
+    }
+    let ids = vec![u32::MAX; rows];
+    run(&plan::sample(p(&logits), p(&params), p(&u), p(&ids), rows, width, n_valid));
+    assert_eq!(ids, want, "device sampling vs the CPU sampler with the same uniforms");
+}

@@ -260,3 +260,41 @@ fn decode_graphs_replay_the_eager_step() {
         }
     }
 }
+
+#[test]
+fn device_sampling_matches_the_cpu_sampler_on_the_same_logits() {
+    use mamba_cuda::DeviceSampling;
+    use mamba_runtime::sampling::{Rng, Sampler, SamplingParams};
+    let t = Truth::load("hf_bf16_untied_sharded");
+    let m = load(&t);
+    let vocab = m.sample_vocab();
+    let seqs: Vec<&[u32]> = t.prompts.iter().map(|p| p.ids.as_slice()).collect();
+    let n = seqs.len();
+    let slots: Vec<usize> = (0..n).collect();
+    let Some(mut a) = session("device sampling", &m, n) else { return };
+    let Some(mut b) = session("device sampling", &m, n) else { return };
+    a.prefill(&seqs, &slots, LogitsMode::Last).unwrap();
+    b.prefill(&seqs, &slots, LogitsMode::Last).unwrap();
+    let toks: Vec<u32> = (0..n as u32).map(|i| i + 2).collect();
+    let logits = a.step(&toks, &slots).unwrap();
+    let settings: Vec<DeviceSampling> = (0..n)
+        .map(|i| DeviceSampling { temperature: 0.9, top_k: [0, 5, 40][i % 3], top_p: 0.9, min_p: 0.0 })
+        .collect();
+    let seeds: Vec<u64> = (0..n as u64).map(|i| 77 + i).collect();
+    let u: Vec<f64> = seeds.iter().map(|&s| Rng::new(s).next_f64()).collect();
+    let got = b.step_sample(&toks, &slots, &settings, &u, vocab).unwrap();
+    let v = t.padded_vocab_size;
+    for i in 0..n {
+        let s = &settings[i];
+        let sp = SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            seed: seeds[i],
+            ..SamplingParams::default()
+        };
+        let want = Sampler::new(sp).sample(&logits[i * v..(i + 1) * v], vocab);
+        assert_eq!(got[i], want, "row {i}: device sampling vs the CPU sampler on the same logits");
+    }
+}

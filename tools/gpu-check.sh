@@ -192,12 +192,22 @@ import json, sys
 out, secs = sys.argv[1], int(sys.argv[2])
 steps = [l.rstrip("\n").split("\t") for l in open(f"{out}/steps.tsv") if l.strip()]
 bench = [json.loads(l) for l in open(f"{out}/bench.jsonl") if l.strip().startswith("{")]
-print(f"\n{'shape':<11}{'batch':>6}{'decode tok/s':>14}{'bound tok/s':>13}{'of bound':>10}{'prefill tok/s (2048)':>22}")
+print(f"\n{'shape':<11}{'batch':>6}{'decode tok/s':>14}{'graphs tok/s':>14}{'bound tok/s':>13}{'of bound':>10}"
+      f"{'prefill tok/s (2048)':>22}")
 for r in bench:
-    print(f"{r['shape']:<11}{r['batch']:>6}{r['decode_tokens_per_s']:>14.1f}{r['decode_bound_tokens_per_s']:>13.1f}"
+    g = r.get("decode_graph_tokens_per_s")
+    gs = f"{g:>14.1f}" if g is not None else f"{'failed' if r.get('decode_graph_error') else '-':>14}"
+    print(f"{r['shape']:<11}{r['batch']:>6}{r['decode_tokens_per_s']:>14.1f}{gs}{r['decode_bound_tokens_per_s']:>13.1f}"
           f"{100 * r['decode_fraction_of_bound']:>9.0f}%{r['prefill_tokens_per_s']:>22.0f}")
+    if r.get("decode_graph_error"):
+        print(f"  graphs failed: {r['decode_graph_error']}")
 def get(shape, batch):
-    return next((r for r in bench if r["shape"] == shape and r["batch"] == batch), None)
+    r = next((r for r in bench if r["shape"] == shape and r["batch"] == batch), None)
+    if r and r.get("decode_graph_tokens_per_s"):
+        # Goals count the better of the eager and the graph decode.
+        best = max(r["decode_tokens_per_s"], r["decode_graph_tokens_per_s"])
+        r = dict(r, decode_tokens_per_s=best, decode_fraction_of_bound=best / r["decode_bound_tokens_per_s"])
+    return r
 goals = {}
 r = get("mamba-2.8b", 1)
 if r: goals["2.8b batch-1 decode >= 80% of bound"] = r["decode_fraction_of_bound"] >= 0.8

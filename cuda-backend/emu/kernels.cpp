@@ -2,6 +2,7 @@
 // `emu_launch`, which runs one launch the way cuLaunchKernel would: `params[i]`
 // points at argument i (device addresses are host addresses here).
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -94,27 +95,34 @@ static const Named KERNELS[] = {
 };
 
 // Run kernel `name` over grid x block threads. Returns 0, or -1 for an unknown kernel.
+// One launch at a time (the block state and __shared__ statics are global), as a stream would.
 extern "C" int emu_launch(const char* name, unsigned grid, unsigned block, void** params) {
+    static std::mutex one_at_a_time;
+    std::lock_guard<std::mutex> lock(one_at_a_time);
     Entry fn = nullptr;
     for (const auto& k : KERNELS)
         if (std::strcmp(k.name, name) == 0) fn = k.fn;
     if (!fn) return -1;
-    for (unsigned b = 0; b < grid; ++b) {
-        EmuBlock blk(block);
-        emu_block = &blk;
-        std::vector<std::thread> threads;
-        threads.reserve(block);
-        for (unsigned t = 0; t < block; ++t) {
-            threads.emplace_back([=] {
-                threadIdx.x = t;
+    // blockDim.x host threads walk the blocks in order; a barrier between
+    // blocks keeps one block's __shared__ statics from the next's.
+    EmuBlock blk(block);
+    emu_block = &blk;
+    std::barrier<> block_done((std::ptrdiff_t)block);
+    std::vector<std::thread> threads;
+    threads.reserve(block);
+    for (unsigned t = 0; t < block; ++t) {
+        threads.emplace_back([&, t] {
+            threadIdx.x = t;
+            blockDim.x = block;
+            gridDim.x = grid;
+            for (unsigned b = 0; b < grid; ++b) {
                 blockIdx.x = b;
-                blockDim.x = block;
-                gridDim.x = grid;
                 fn(params);
-            });
-        }
-        for (auto& th : threads) th.join();
-        emu_block = nullptr;
+                block_done.arrive_and_wait();
+            }
+        });
     }
+    for (auto& th : threads) th.join();
+    emu_block = nullptr;
     return 0;
 }

@@ -36,6 +36,18 @@ struct Named {
                             A(8, const u32*), A(9, const u32*), A(10, u32), A(11, u32), A(12, u32),      \
                             A(13, u32), A(14, u64), A(15, u64), A(16, u32));                             \
      }}
+#define CHUNK_ENTRIES(N)                                                                                  \
+    {"scan_chunk_end_" #N, [](void** p) {                                                              \
+         scan_chunk_end_##N(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const float*), \
+                            A(4, const u32*), A(5, const u32*), A(6, float*), A(7, float*), A(8, u32),   \
+                            A(9, u32), A(10, u32), A(11, u32), A(12, u32));                              \
+     }},                                                                                                \
+    {"scan_chunk_y_" #N, [](void** p) {                                                                \
+         scan_chunk_y_##N(A(0, const float*), A(1, const float*), A(2, const float*), A(3, const float*),   \
+                          A(4, const float*), A(5, const float*), A(6, float*), A(7, const u32*),          \
+                          A(8, const u32*), A(9, const float*), A(10, u32), A(11, u32), A(12, u32),      \
+                          A(13, u32), A(14, u32));                                                       \
+     }}
 #define GEMV_ENTRY(NAME, T, B)                                                                            \
     {"gemv_" #NAME "_" #B, [](void** p) {                                                               \
          gemv_##NAME##_##B(A(0, const T*), A(1, const float*), A(2, const float*), A(3, float*), A(4, u32), \
@@ -84,6 +96,13 @@ static const Named KERNELS[] = {
      }},
     SCAN_ENTRY(1), SCAN_ENTRY(2), SCAN_ENTRY(3), SCAN_ENTRY(4),
     SCAN_ENTRY(5), SCAN_ENTRY(6), SCAN_ENTRY(7), SCAN_ENTRY(8),
+    CHUNK_ENTRIES(1), CHUNK_ENTRIES(2), CHUNK_ENTRIES(3), CHUNK_ENTRIES(4),
+    CHUNK_ENTRIES(5), CHUNK_ENTRIES(6), CHUNK_ENTRIES(7), CHUNK_ENTRIES(8),
+    {"chunk_carry",
+     [](void** p) {
+         chunk_carry(A(0, const float*), A(1, float*), A(2, const u32*), A(3, const u32*), A(4, float*),
+                     A(5, const float*), A(6, u32), A(7, u32), A(8, u32), A(9, u64), A(10, u64));
+     }},
     GEMV_ENTRIES(f32, float), GEMV_ENTRIES(f16, __half), GEMV_ENTRIES(bf16, __nv_bfloat16),
     {"argmax_rows",
      [](void** p) { argmax_rows(A(0, const float*), A(1, u32*), A(2, u32), A(3, u32), A(4, u32)); }},

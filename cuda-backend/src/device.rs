@@ -149,6 +149,9 @@ pub struct CudaBackend {
     pub(crate) batch: RefCell<Upload>,
     pub(crate) half_x: RefCell<Temp<u16>>,
     pub(crate) parts: RefCell<Temp<f32>>,
+    pub(crate) chunks: RefCell<Upload>,
+    pub(crate) chunk_h: RefCell<Temp<f32>>,
+    pub(crate) chunk_dt: RefCell<Temp<f32>>,
     pub(crate) live: Live,
     /// Half-precision weights: cut f32 activations into two half parts (hi + lo)
     /// for cuBLAS so only the weights' own rounding remains (default), or round
@@ -158,6 +161,10 @@ pub struct CudaBackend {
     /// matrix-vector kernel (weights read once, f32 accumulation) instead of
     /// cuBLAS; 0 sends everything to cuBLAS. Default 8, or `MAMBA_CUDA_GEMV_ROWS`.
     pub gemv_max_rows: usize,
+    /// Prefill scans of sequences of at least two chunks of this many tokens
+    /// run chunked when the plain scan would keep few threads busy
+    /// ([`crate::plan::use_chunked_scan`]); 0 never. Default 128, or `MAMBA_CUDA_SCAN_CHUNK`.
+    pub scan_chunk: usize,
 }
 
 impl CudaBackend {
@@ -216,12 +223,19 @@ impl CudaBackend {
             batch: RefCell::default(),
             half_x: RefCell::new(Temp::new()),
             parts: RefCell::new(Temp::new()),
+            chunks: RefCell::default(),
+            chunk_h: RefCell::new(Temp::new()),
+            chunk_dt: RefCell::new(Temp::new()),
             live: Live::default(),
             split_activations: true,
             gemv_max_rows: std::env::var("MAMBA_CUDA_GEMV_ROWS")
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(crate::plan::GEMV_MAX_ROWS),
+            scan_chunk: std::env::var("MAMBA_CUDA_SCAN_CHUNK")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(128),
         })
     }
 

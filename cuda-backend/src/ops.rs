@@ -61,17 +61,15 @@ impl CudaBackend {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn scan(
+    /// The addresses a scan reads and writes, after the CPU backend's checks.
+    fn scan_ptrs(
         &self,
         layer: Layer<'_, DeviceWeight>,
         rows: usize,
-        n_seqs: usize,
-        batch: BatchPtrs,
         act: ScanBufs<'_, DeviceBuf>,
-        states: &mut DeviceBuf,
-        y: &mut DeviceBuf,
-    ) -> Result<()> {
+        states: &DeviceBuf,
+        y: &DeviceBuf,
+    ) -> Result<ScanPtrs> {
         let (cfg, lw, st) = (layer.cfg, layer.w, &self.stream);
         let (di, xp, n_s) = (cfg.d_inner, cfg.x_proj_dim(), cfg.d_state);
         lw.a.expect_shape("A", di, n_s)?;
@@ -79,7 +77,7 @@ impl CudaBackend {
         if n_s > mamba_core::MAX_D_STATE {
             return Err(CoreError::BadConfig("d_state is larger than 256").into());
         }
-        let p = ScanPtrs {
+        Ok(ScanPtrs {
             x: act.x.need("scan x", rows * di, st)?,
             dt: act.dt.need("scan dt", rows * di, st)?,
             dbc: act.dbc.need("scan dbc", rows * xp, st)?,
@@ -88,8 +86,27 @@ impl CudaBackend {
             d: lw.d.f32_ptr("D", st)?,
             states: states.ptr(st),
             y: y.need("scan y", rows * di, st)?,
-        };
-        self.run(&plan::scan(p, batch, n_seqs, cfg, StatePlace::of(cfg, layer.index)))
+        })
+    }
+
+    /// The chunked scan of a prefill with long sequences ([`plan::scan_chunked`]).
+    fn scan_chunked(
+        &self,
+        layer: Layer<'_, DeviceWeight>,
+        batch: Ragged<'_>,
+        p: ScanPtrs,
+        slots: u64,
+    ) -> Result<()> {
+        let (cfg, st) = (layer.cfg, &self.stream);
+        let (desc, n_chunks) = plan::chunk_descriptor(batch.offsets, self.scan_chunk);
+        let desc = self.chunks.borrow_mut().put(st, &desc, &self.live)?;
+        let h = self.chunk_h.borrow_mut().at_least(st, n_chunks * cfg.d_inner * cfg.d_state, &self.live)?;
+        let dt_sum = self.chunk_dt.borrow_mut().at_least(st, n_chunks * cfg.d_inner, &self.live)?;
+        let ch = plan::ChunkPtrs { desc, n_chunks, h, dt_sum };
+        for l in plan::scan_chunked(p, slots, batch.len(), ch, cfg, StatePlace::of(cfg, layer.index)) {
+            self.run(&l)?;
+        }
+        Ok(())
     }
 }
 
@@ -265,8 +282,12 @@ impl MambaOps for CudaBackend {
         if batch.is_empty() {
             return Ok(());
         }
+        let p = self.scan_ptrs(layer, rows, act, states, y)?;
         let ptrs = self.upload_batch(batch.offsets, batch.slots)?;
-        self.scan(layer, rows, batch.len(), ptrs, act, states, y)
+        if plan::use_chunked_scan(layer.cfg, batch.offsets, self.scan_chunk) {
+            return self.scan_chunked(layer, batch, p, ptrs.slots);
+        }
+        self.run(&plan::scan(p, ptrs, batch.len(), layer.cfg, StatePlace::of(layer.cfg, layer.index)))
     }
 
     fn scan_step(
@@ -281,8 +302,9 @@ impl MambaOps for CudaBackend {
         if slots.is_empty() {
             return Ok(());
         }
+        let p = self.scan_ptrs(layer, slots.len(), act, states, y)?;
         let ptrs = self.upload_step(slots)?;
-        self.scan(layer, slots.len(), slots.len(), ptrs, act, states, y)
+        self.run(&plan::scan(p, ptrs, slots.len(), layer.cfg, StatePlace::of(layer.cfg, layer.index)))
     }
 
     fn gather_rows(&self, x: &DeviceBuf, width: usize, rows: &[usize], out: &mut DeviceBuf) -> Result<()> {

@@ -362,6 +362,140 @@ pub fn scan(
     Launch { kernel, grid: u(threads.div_ceil(BLOCK) as usize), block: BLOCK as u32, args }
 }
 
+const CHUNK_END: [&str; 8] = [
+    "scan_chunk_end_1",
+    "scan_chunk_end_2",
+    "scan_chunk_end_3",
+    "scan_chunk_end_4",
+    "scan_chunk_end_5",
+    "scan_chunk_end_6",
+    "scan_chunk_end_7",
+    "scan_chunk_end_8",
+];
+const CHUNK_Y: [&str; 8] = [
+    "scan_chunk_y_1",
+    "scan_chunk_y_2",
+    "scan_chunk_y_3",
+    "scan_chunk_y_4",
+    "scan_chunk_y_5",
+    "scan_chunk_y_6",
+    "scan_chunk_y_7",
+    "scan_chunk_y_8",
+];
+
+/// The chunks of a ragged batch cut every `chunk` tokens, as the chunked scan
+/// reads them: `[starts (C) | ends (C) | seq_chunk0 (n_seqs + 1)]`; and C.
+pub fn chunk_descriptor(offsets: &[usize], chunk: usize) -> (Vec<u32>, usize) {
+    let chunk = chunk.max(1);
+    let (mut starts, mut ends, mut first) = (vec![], vec![], vec![0u32]);
+    for w in offsets.windows(2) {
+        let mut t = w[0];
+        while t < w[1] {
+            starts.push(u(t));
+            ends.push(u((t + chunk).min(w[1])));
+            t += chunk;
+        }
+        first.push(u(starts.len()));
+    }
+    let n = starts.len();
+    starts.extend(ends);
+    starts.extend(first);
+    (starts, n)
+}
+
+/// Scratch of the chunked scan: chunk states and chunk dt sums (device addresses).
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkPtrs {
+    /// The uploaded [`chunk_descriptor`].
+    pub desc: u64,
+    pub n_chunks: usize,
+    /// `[n_chunks, d_inner, d_state]` f32.
+    pub h: u64,
+    /// `[n_chunks, d_inner]` f32.
+    pub dt_sum: u64,
+}
+
+/// The chunked selective scan (see `kernels/scan.cu`): chunk end states in
+/// parallel, the carry along each sequence's chunks (which also leaves the
+/// final state in the slot), then y of every chunk from its entering state.
+/// Same results as [`scan`] up to rounding, with `n_chunks` times the
+/// parallelism along the sequence, for twice the scan arithmetic.
+pub fn scan_chunked(
+    p: ScanPtrs,
+    slots: u64,
+    n_seqs: usize,
+    ch: ChunkPtrs,
+    cfg: &mamba_core::MambaConfig,
+    place: StatePlace,
+) -> [Launch; 3] {
+    let (group, npt) = scan_shape(cfg.d_state);
+    let k = (npt as usize).clamp(1, 8) - 1;
+    let c = ch.n_chunks as u64;
+    let (starts, ends, first) = (ch.desc, ch.desc + 4 * c, ch.desc + 8 * c);
+    const BLOCK: u64 = 128;
+    let grid = u(((c * cfg.d_inner as u64 * group as u64).div_ceil(BLOCK)) as usize);
+    let (di, ns, r) = (Arg::U32(u(cfg.d_inner)), Arg::U32(u(cfg.d_state)), Arg::U32(u(cfg.dt_rank)));
+    let end_args = vec![
+        Arg::Ptr(p.x),
+        Arg::Ptr(p.dt),
+        Arg::Ptr(p.dbc),
+        Arg::Ptr(p.a),
+        Arg::Ptr(starts),
+        Arg::Ptr(ends),
+        Arg::Ptr(ch.h),
+        Arg::Ptr(ch.dt_sum),
+        Arg::U32(u(ch.n_chunks)),
+        di,
+        ns,
+        r,
+        Arg::U32(group),
+    ];
+    let carry_args = vec![
+        Arg::Ptr(p.a),
+        Arg::Ptr(p.states),
+        Arg::Ptr(slots),
+        Arg::Ptr(first),
+        Arg::Ptr(ch.h),
+        Arg::Ptr(ch.dt_sum),
+        Arg::U32(u(n_seqs)),
+        di,
+        ns,
+        Arg::U64(place.slot_len),
+        Arg::U64(place.ssm_off),
+    ];
+    let y_args = vec![
+        Arg::Ptr(p.x),
+        Arg::Ptr(p.dt),
+        Arg::Ptr(p.dbc),
+        Arg::Ptr(p.xz),
+        Arg::Ptr(p.a),
+        Arg::Ptr(p.d),
+        Arg::Ptr(p.y),
+        Arg::Ptr(starts),
+        Arg::Ptr(ends),
+        Arg::Ptr(ch.h),
+        Arg::U32(u(ch.n_chunks)),
+        di,
+        ns,
+        r,
+        Arg::U32(group),
+    ];
+    [
+        Launch { kernel: CHUNK_END[k], grid, block: BLOCK as u32, args: end_args },
+        elems("chunk_carry", (n_seqs * cfg.d_inner * cfg.d_state) as u64, carry_args),
+        Launch { kernel: CHUNK_Y[k], grid, block: BLOCK as u32, args: y_args },
+    ]
+}
+
+/// Whether a prefill scan should be chunked: the plain scan would keep too
+/// few threads busy (fewer than `2^18`) and some sequence spans at least two chunks.
+pub fn use_chunked_scan(cfg: &mamba_core::MambaConfig, offsets: &[usize], chunk: usize) -> bool {
+    let n_seqs = offsets.len().saturating_sub(1);
+    let longest = offsets.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let threads = n_seqs * cfg.d_inner * scan_shape(cfg.d_state).0 as usize;
+    chunk > 0 && longest >= 2 * chunk && threads < (1 << 18)
+}
+
 /// `out[i] = x[rows[i]]` for `n` rows of `width`.
 pub fn gather_rows(x: u64, rows: u64, out: u64, n: usize, width: usize) -> Launch {
     let args = vec![Arg::Ptr(x), Arg::Ptr(rows), Arg::Ptr(out), Arg::U32(u(n)), Arg::U32(u(width))];

@@ -161,6 +161,11 @@ fn upload(
 /// The GPU backend's operations with the emulator for a device.
 struct Emu;
 
+thread_local! {
+    /// Chunk length of the emulated prefill scan (0: the plain scan), per test thread.
+    static SCAN_CHUNK: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 fn bias_ptr(b: Option<&EmuWeight>) -> u64 {
     b.map_or(0, EmuWeight::ptr)
 }
@@ -353,6 +358,20 @@ impl MambaOps for Emu {
         batch.validate(rows)?;
         check_slots(layer.cfg, batch.slots, states)?;
         let desc = plan::batch_descriptor(batch.offsets, batch.slots);
+        let chunk = SCAN_CHUNK.with(|c| c.get());
+        if chunk > 0 {
+            let cfg = layer.cfg;
+            let (cdesc, n_chunks) = plan::chunk_descriptor(batch.offsets, chunk);
+            let h = vec![f32::NAN; n_chunks * cfg.d_inner * cfg.d_state];
+            let dt_sum = vec![f32::NAN; n_chunks * cfg.d_inner];
+            let ch = plan::ChunkPtrs { desc: p(&cdesc), n_chunks, h: p(&h), dt_sum: p(&dt_sum) };
+            let ptrs = scan_ptrs(layer, act, states, y);
+            let slots = BatchPtrs::at(p(&desc), batch.len()).slots;
+            for l in plan::scan_chunked(ptrs, slots, batch.len(), ch, cfg, StatePlace::of(cfg, layer.index)) {
+                run(&l);
+            }
+            return Ok(());
+        }
         scan(layer, &desc, batch.len(), act, states, y);
         Ok(())
     }
@@ -380,16 +399,14 @@ impl MambaOps for Emu {
     }
 }
 
-fn scan(
+fn scan_ptrs(
     layer: Layer<'_, EmuWeight>,
-    desc: &[u32],
-    n_seqs: usize,
     act: ScanBufs<'_, [f32]>,
     states: &mut [f32],
     y: &mut [f32],
-) {
-    let (cfg, lw) = (layer.cfg, layer.w);
-    let ptrs = ScanPtrs {
+) -> ScanPtrs {
+    let lw = layer.w;
+    ScanPtrs {
         x: p(act.x),
         dt: p(act.dt),
         dbc: p(act.dbc),
@@ -398,7 +415,19 @@ fn scan(
         d: lw.d.ptr(),
         states: p(states),
         y: p(y),
-    };
+    }
+}
+
+fn scan(
+    layer: Layer<'_, EmuWeight>,
+    desc: &[u32],
+    n_seqs: usize,
+    act: ScanBufs<'_, [f32]>,
+    states: &mut [f32],
+    y: &mut [f32],
+) {
+    let cfg = layer.cfg;
+    let ptrs = scan_ptrs(layer, act, states, y);
     run(&plan::scan(ptrs, BatchPtrs::at(p(desc), n_seqs), n_seqs, cfg, StatePlace::of(cfg, layer.index)));
 }
 
@@ -655,4 +684,69 @@ fn emulated_device_sampling_picks_what_the_cpu_sampler_picks() {
     let ids = vec![u32::MAX; rows];
     run(&plan::sample(p(&logits), p(&params), p(&u), p(&ids), rows, width, n_valid));
     assert_eq!(ids, want, "device sampling vs the CPU sampler with the same uniforms");
+}
+
+#[test]
+fn emulated_chunked_scan_equals_the_plain_scan() {
+    if !ready() {
+        return;
+    }
+    // Ragged sequences of 1..=11 tokens cut every 4 (one sequence shorter than a chunk),
+    // from non-zero slot states (a first prefill), d_state 5 and 40.
+    for (d_state, d_conv) in [(5, 2), (40, 4)] {
+        let hm = HostModel::new(d_state, d_conv, true);
+        let (layers, emb, norm_f) = hm.model();
+        let m = Model { cfg: hm.cfg, embedding: emb, layers: &layers, norm_f, lm_head: None };
+        let parts = upload(&m);
+        let em = emu_model(m.cfg, &parts);
+        let seqs: Vec<Vec<u32>> = [11usize, 1, 6, 9]
+            .iter()
+            .map(|&n| (0..n as u32).map(|i| (i * 13 + n as u32) % 97).collect())
+            .collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let slots = [2usize, 0, 3, 1];
+        let run_twice = |chunk: usize| {
+            SCAN_CHUNK.with(|c| c.set(chunk));
+            let out = emu_prefill_twice(&em, &refs, &slots, 4);
+            SCAN_CHUNK.with(|c| c.set(0));
+            out
+        };
+        let (plain_logits, plain_states) = run_twice(0);
+        let (chunk_logits, chunk_states) = run_twice(4);
+        let want: Vec<f64> = plain_logits.iter().map(|&v| v as f64).collect();
+        assert_close(&format!("d_state {d_state}: chunked vs plain scan logits"), &chunk_logits, &want, 1e-4);
+        let want: Vec<f64> = plain_states.iter().map(|&v| v as f64).collect();
+        assert_close(
+            &format!("d_state {d_state}: chunked vs plain final states"),
+            &chunk_states,
+            &want,
+            1e-4,
+        );
+    }
+}
+
+/// Two ragged prefills in a row (the second continues the first's states).
+fn emu_prefill_twice(
+    m: &Model<'_, EmuWeight>,
+    seqs: &[&[u32]],
+    slots: &[usize],
+    n_slots: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let cfg = m.cfg;
+    let tokens: Vec<u32> = seqs.concat();
+    let mut offsets = vec![0];
+    for s in seqs {
+        offsets.push(offsets.last().unwrap() + s.len());
+    }
+    let plan_ = ScratchPlan::new(&cfg, tokens.len(), tokens.len());
+    let mut buf = vec![0.0f32; plan_.total()];
+    let mut states = vec![0.0f32; n_slots * cfg.state_layout().slot_len()];
+    let rows: Vec<usize> = (0..tokens.len()).collect();
+    let batch = Ragged { offsets: &offsets, slots };
+    for _ in 0..2 {
+        let mut sc = plan_.split(&mut buf).unwrap();
+        driver::prefill(&Emu, m, &tokens, batch, &rows, &mut states, &mut sc).unwrap();
+    }
+    let logits = plan_.split(&mut buf).unwrap().logits[..tokens.len() * cfg.vocab_size].to_vec();
+    (logits, states)
 }

@@ -298,3 +298,30 @@ fn device_sampling_matches_the_cpu_sampler_on_the_same_logits() {
         assert_eq!(got[i], want, "row {i}: device sampling vs the CPU sampler on the same logits");
     }
 }
+
+#[test]
+fn chunked_prefill_scan_equals_the_plain_scan_on_the_device() {
+    let hm = HostModel::new(16, 4, true);
+    let (layers, emb, norm_f) = hm.model();
+    let m = Model { cfg: hm.cfg, embedding: emb, layers: &layers, norm_f, lm_head: None };
+    let long: Vec<u32> = (0..700u32).map(|i| (i * 31 + 7) % 97).collect();
+    let short: Vec<u32> = (0..90u32).map(|i| (i * 17 + 3) % 97).collect();
+    let mut runs = vec![];
+    for chunk in [0usize, 128] {
+        let Some(mut b) = device("chunked scan") else { return };
+        b.scan_chunk = chunk;
+        let mut s = CudaSession::new(b, &m, 2).unwrap();
+        s.chunk_tokens = 4096;
+        let logits = s.prefill(&[&long, &short], &[1, 0], LogitsMode::All).unwrap();
+        runs.push((logits, s.slot_state(0).unwrap(), s.slot_state(1).unwrap()));
+    }
+    let (plain, chunked) = (&runs[0], &runs[1]);
+    for (i, (a, b)) in plain.0.iter().zip(&chunked.0).enumerate() {
+        let want: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+        assert_close(&format!("sequence {i}: chunked vs plain scan logits"), b, &want, 1e-4);
+    }
+    let want: Vec<f64> = plain.2.iter().map(|&v| v as f64).collect();
+    assert_close("long sequence's final state, chunked vs plain", &chunked.2, &want, 1e-4);
+    let want: Vec<f64> = plain.1.iter().map(|&v| v as f64).collect();
+    assert_close("short sequence's final state, chunked vs plain", &chunked.1, &want, 1e-4);
+}

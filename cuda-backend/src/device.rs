@@ -134,6 +134,27 @@ impl<T: cudarc::driver::DeviceRepr> Temp<T> {
     }
 }
 
+/// The device's primary context, created once per process and kept: a
+/// backend made after another was dropped (the tests make dozens) does not
+/// pay for the context's set-up again.
+fn context(index: usize) -> Result<Arc<CudaContext>> {
+    static CONTEXTS: std::sync::Mutex<Vec<(usize, Arc<CudaContext>)>> = std::sync::Mutex::new(Vec::new());
+    let mut held = CONTEXTS.lock().map_err(|_| CudaError::Input("the context list is poisoned".into()))?;
+    if let Some((_, c)) = held.iter().find(|(i, _)| *i == index) {
+        return Ok(c.clone());
+    }
+    let ctx = CudaContext::new(index).map_err(|e| CudaError::NoDevice { index, why: e.to_string() })?;
+    // Each backend orders its work on its own stream and shares no buffer with
+    // another: cudarc's per-buffer event tracking is not needed.
+    // SAFETY: called before any buffer of this context exists.
+    #[allow(unsafe_code)]
+    unsafe {
+        ctx.disable_event_tracking()
+    };
+    held.push((index, ctx.clone()));
+    Ok(ctx)
+}
+
 /// The CUDA backend for one device. Not `Sync`: one thread drives a device.
 pub struct CudaBackend {
     // Dropped first: the cuBLAS handle is bound to the stream.
@@ -184,13 +205,7 @@ impl CudaBackend {
         if index >= count.max(0) as usize {
             return Err(CudaError::NoDevice { index, why: format!("the driver sees {count} device(s)") });
         }
-        let ctx = CudaContext::new(index).map_err(|e| CudaError::NoDevice { index, why: e.to_string() })?;
-        // One stream orders everything: cudarc's per-buffer event tracking is not needed.
-        // SAFETY: no other stream of this context touches our buffers.
-        #[allow(unsafe_code)]
-        unsafe {
-            ctx.disable_event_tracking()
-        };
+        let ctx = context(index)?;
         let stream = ctx.new_stream().map_err(CudaError::driver("creating a stream"))?;
         let (major, minor) =
             ctx.compute_capability().map_err(CudaError::driver("reading the architecture"))?;

@@ -51,7 +51,7 @@ struct Named {
 #define GEMV_ENTRY(NAME, T, B)                                                                            \
     {"gemv_" #NAME "_" #B, [](void** p) {                                                               \
          gemv_##NAME##_##B(A(0, const T*), A(1, const float*), A(2, const float*), A(3, float*), A(4, u32), \
-                           A(5, u32), A(6, u32));                                                        \
+                           A(5, u32), A(6, u32), A(7, u32));                                             \
      }}
 #define GEMV_ENTRIES(NAME, T)                                                                             \
     GEMV_ENTRY(NAME, T, 1), GEMV_ENTRY(NAME, T, 2), GEMV_ENTRY(NAME, T, 3), GEMV_ENTRY(NAME, T, 4),     \

@@ -40,11 +40,15 @@ extern "C" __global__ void combine_parts(const float* c, float* out, const float
 
 // Decode-sized products (B <= 8 rows of x) without cuBLAS: out[b, o] =
 // sum_k W[o, k] x[b, k] (+ bias[o]), weights widened to f32 in registers, f32
-// accumulation (the CPU backend's numerics; no activation rounding). One warp
-// per output row; each lane reads 8 consecutive weights per pass (16 bytes of
-// bf16/f16), so a warp reads its row in coalesced 512-byte sweeps and every
-// weight byte is read once for all B rows. `vec` (host-checked: k % 8 == 0 and
-// 16-byte aligned rows) selects the vector loads; else element loads.
+// accumulation (the CPU backend's numerics; no activation rounding). Each
+// lane reads 8 consecutive weights per pass (16 bytes of bf16/f16), so a warp
+// reads a row in coalesced 512-byte sweeps and every weight byte is read once
+// for all B rows. A block is 8 warps: with split 1 each warp owns one output
+// row (8 rows per block); with split 8 the 8 warps share one row, each a
+// slice of k, and add their sums through shared memory (short, wide
+// matrices such as x_proj, which would otherwise keep too few warps reading).
+// `vec` (host-checked: k % 8 == 0, 16-byte aligned rows) selects the vector
+// loads; else element loads.
 // W [n_out, k]; x [B, k] f32; bias [n_out] f32 or null; out [B, n_out].
 
 __device__ __forceinline__ void widen8(const float* p, float* v) {
@@ -73,15 +77,17 @@ __device__ __forceinline__ void widen8(const __half* p, float* v) {
 }
 
 template <typename T, int B>
-__device__ void gemv_rows(const T* W, const float* x, const float* bias, float* out, u32 n_out, u32 k, u32 vec) {
-    const u64 row = (blockIdx.x * (u64)blockDim.x + threadIdx.x) >> 5;
-    const u32 lane = threadIdx.x & 31;
-    if (row >= n_out) return;  // whole warps leave together
+__device__ void gemv_rows(const T* W, const float* x, const float* bias, float* out, u32 n_out, u32 k, u32 vec,
+                          u32 split) {
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u64 row = (u64)blockIdx.x * (8 / split) + warp / split;
+    const u32 sub = warp % split;
+    if (row >= n_out) return;  // whole blocks when split > 1, whole warps otherwise
     const T* w = W + row * k;
     float acc[B];
 #pragma unroll
     for (int b = 0; b < B; ++b) acc[b] = 0.0f;
-    for (u32 i = lane * 8; i < k; i += 32 * 8) {
+    for (u32 i = (sub * 32 + lane) * 8; i < k; i += 32 * 8 * split) {
         float wv[8];
         if (vec) {
             widen8(w + i, wv);
@@ -97,17 +103,31 @@ __device__ void gemv_rows(const T* W, const float* x, const float* bias, float* 
                 if (i + j < k) acc[b] += wv[j] * xb[j];
         }
     }
+    __shared__ float part[8][8];  // [warp][b]
 #pragma unroll
     for (int b = 0; b < B; ++b) {
         const float s = group_sum(acc[b], 32);
-        if (lane == 0) out[(u64)b * n_out + row] = s + (bias ? bias[row] : 0.0f);
+        if (split == 1) {
+            if (lane == 0) out[(u64)b * n_out + row] = s + (bias ? bias[row] : 0.0f);
+        } else if (lane == 0) {
+            part[warp][b] = s;
+        }
+    }
+    if (split > 1) {
+        __syncthreads();
+        if (threadIdx.x < B) {
+            const int b = threadIdx.x;
+            float s = 0.0f;
+            for (u32 v = 0; v < split; ++v) s += part[v][b];
+            out[(u64)b * n_out + row] = s + (bias ? bias[row] : 0.0f);
+        }
     }
 }
 
 #define GEMV_KERNEL(NAME, T, B)                                                                         \
     extern "C" __global__ void gemv_##NAME##_##B(const T* W, const float* x, const float* bias, float* out, \
-                                                 u32 n_out, u32 k, u32 vec) {                           \
-        gemv_rows<T, B>(W, x, bias, out, n_out, k, vec);                                                \
+                                                 u32 n_out, u32 k, u32 vec, u32 split) {                \
+        gemv_rows<T, B>(W, x, bias, out, n_out, k, vec, split);                                         \
     }
 #define GEMV_ALL(NAME, T) \
     GEMV_KERNEL(NAME, T, 1) GEMV_KERNEL(NAME, T, 2) GEMV_KERNEL(NAME, T, 3) GEMV_KERNEL(NAME, T, 4) \

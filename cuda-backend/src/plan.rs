@@ -98,8 +98,8 @@ const GEMV_BF16: [&str; 8] = [
     "gemv_bf16_8",
 ];
 
-/// `out[rows, n_out] = x[rows, k] w[n_out, k]^T (+ bias)` for 1..=8 rows:
-/// one warp per output row, 8 rows per block.
+/// `out[rows, n_out] = x[rows, k] w[n_out, k]^T (+ bias)` for 1..=8 rows, with
+/// the block layout of [`gemv_split`].
 #[allow(clippy::too_many_arguments)]
 pub fn gemv(
     dtype: DType,
@@ -111,11 +111,39 @@ pub fn gemv(
     n_out: usize,
     k: usize,
 ) -> Launch {
+    gemv_with_split(dtype, w, x, bias, out, rows, n_out, k, gemv_split(n_out, k))
+}
+
+/// Warps per output row of the decode kernel: 8 (the k range split between
+/// a block's warps) for short, wide matrices that would leave most of the
+/// GPU idle with one warp per row (x_proj: 192 x 5120 on 2.8b), else 1.
+pub fn gemv_split(n_out: usize, k: usize) -> u32 {
+    if n_out < 2048 && k >= 2048 {
+        8
+    } else {
+        1
+    }
+}
+
+/// [`gemv`] with an explicit `split` (1 or 8).
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_with_split(
+    dtype: DType,
+    w: u64,
+    x: u64,
+    bias: u64,
+    out: u64,
+    rows: usize,
+    n_out: usize,
+    k: usize,
+    split: u32,
+) -> Launch {
     let names = match dtype {
         DType::F32 => &GEMV_F32,
         DType::F16 => &GEMV_F16,
         DType::BF16 => &GEMV_BF16,
     };
+    let split = if split >= 8 { 8 } else { 1 };
     let args = vec![
         Arg::Ptr(w),
         Arg::Ptr(x),
@@ -124,9 +152,12 @@ pub fn gemv(
         Arg::U32(u(n_out)),
         Arg::U32(u(k)),
         Arg::U32(k.is_multiple_of(8) as u32),
+        Arg::U32(split),
     ];
     let kernel = names[rows.clamp(1, GEMV_MAX_ROWS) - 1];
-    Launch { kernel, grid: u(n_out.div_ceil(8)), block: 256, args }
+    // 8 warps per block: 8 rows (split 1) or 1 row (split 8).
+    let rows_per_block = (8 / split) as usize;
+    Launch { kernel, grid: u(n_out.div_ceil(rows_per_block)), block: 256, args }
 }
 
 /// f32 `x[n]` into `parts` half-precision parts `[parts, n]` (hi, then lo).

@@ -750,3 +750,52 @@ fn emu_prefill_twice(
     let logits = plan_.split(&mut buf).unwrap().logits[..tokens.len() * cfg.vocab_size].to_vec();
     (logits, states)
 }
+
+#[test]
+fn emulated_decode_kernel_splits_k_between_warps() {
+    if !ready() {
+        return;
+    }
+    // Both block layouts, every row count, odd and vector-friendly k, with and without bias.
+    let mut seed = 5u64;
+    let mut r = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    for (n_out, k) in [(13usize, 2056usize), (9, 37), (20, 64)] {
+        let w: Vec<f32> = (0..n_out * k).map(|_| r()).collect();
+        let wb: Vec<u16> = w.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let bias: Vec<f32> = (0..n_out).map(|_| r()).collect();
+        for rows in [1usize, 3, 8] {
+            let x: Vec<f32> = (0..rows * k).map(|_| r()).collect();
+            for split in [1u32, 8] {
+                for with_bias in [false, true] {
+                    let out = vec![f32::NAN; rows * n_out];
+                    let b = if with_bias { p(&bias) } else { 0 };
+                    run(&plan::gemv_with_split(
+                        DType::BF16,
+                        p(&wb),
+                        p(&x),
+                        b,
+                        p(&out),
+                        rows,
+                        n_out,
+                        k,
+                        split,
+                    ));
+                    let want: Vec<f64> = (0..rows * n_out)
+                        .map(|i| {
+                            let (t, o) = (i / n_out, i % n_out);
+                            let dot: f64 = (0..k)
+                                .map(|j| bf16::from_bits(wb[o * k + j]).to_f32() as f64 * x[t * k + j] as f64)
+                                .sum();
+                            dot + if with_bias { bias[o] as f64 } else { 0.0 }
+                        })
+                        .collect();
+                    let what = format!("gemv {n_out}x{k}, {rows} rows, split {split}, bias {with_bias}");
+                    assert_close(&what, &out, &want, 1e-4);
+                }
+            }
+        }
+    }
+}

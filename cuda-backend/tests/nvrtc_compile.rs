@@ -55,6 +55,6 @@ fn every_entry_point_has_a_signature_the_launcher_can_pass() {
     use ParamKind::*;
     assert_eq!(s, vec![Ptr, Ptr, Ptr, U32, U32, F32]);
     let lin = KERNEL_FILES.iter().find(|f| f.name == "linear.cu").unwrap();
-    assert_eq!(signature(lin, "gemv_bf16_8").unwrap(), vec![Ptr, Ptr, Ptr, Ptr, U32, U32, U32]);
+    assert_eq!(signature(lin, "gemv_bf16_8").unwrap(), vec![Ptr, Ptr, Ptr, Ptr, U32, U32, U32, U32]);
     assert!(signature(lin, "no_such_kernel").is_none());
 }

@@ -116,9 +116,10 @@ pub fn gemv(
 
 /// Warps per output row of the decode kernel: 8 (the k range split between
 /// a block's warps) for short, wide matrices that would leave most of the
-/// GPU idle with one warp per row (x_proj: 192 x 5120 on 2.8b), else 1.
+/// GPU idle with one warp per row (x_proj 192 x 5120 on 2.8b, out_proj 768 x 1536
+/// on 130m), else 1.
 pub fn gemv_split(n_out: usize, k: usize) -> u32 {
-    if n_out < 2048 && k >= 2048 {
+    if n_out < 2048 && k >= 1024 {
         8
     } else {
         1

@@ -455,7 +455,9 @@ impl CudaSession {
         out
     }
 
-    /// Greedy choice of each of the last prefill's `rows` logits rows, on the device.
+    /// Greedy choice of the first `rows` logits rows left by the last forward
+    /// pass, on the device. After [`prefill`](Self::prefill) these are the rows
+    /// of its last chunk only: with `LogitsMode::Last` and one sequence, its last row.
     pub fn argmax_last_logits(&mut self, rows: usize, n_valid: usize) -> Result<Vec<u32>> {
         let logits = self.scratch.bufs.get(8).ok_or_else(|| CudaError::Input("no logits yet".into()))?;
         logits.need("logits", rows * self.model.cfg.vocab_size, &self.backend.stream)?;

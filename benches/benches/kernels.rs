@@ -1,4 +1,4 @@
-//! The core's scalar kernels at mamba-130m shapes, weights in f32, bf16 and f16.
+//! The core's kernels at mamba-130m shapes, weights in f32, bf16 and f16.
 //!
 //! Weights are layer 0 (and the tied head) of a synthetic mamba-130m, so
 //! shapes and value ranges are those of the real model. Ids read
@@ -22,6 +22,8 @@ fn activations(n: usize, seed: u64, lo: f32, hi: f32) -> Vec<f32> {
 }
 
 fn bench_kernels(c: &mut Criterion) {
+    // The kernels the runtime would pick on this CPU (`MAMBA_SIMD` as there).
+    eprintln!("kernels: {}", mamba_runtime::cpu::init_simd());
     let s = shape("mamba-130m").expect("known shape");
     let (dm, di, n, k, r) = (s.d_model, s.d_inner(), 16, 4, s.dt_rank());
     let xp = r + 2 * n;
@@ -47,7 +49,8 @@ fn bench_kernels(c: &mut Criterion) {
             let id = BenchmarkId::new(format!("{name}_{}x{}/rows{rows}", w.rows, w.cols), dt);
             g.bench_function(id, |b| {
                 b.iter(|| {
-                    kernels::linear(black_box(&x), rows, w, None, (0, w.rows), &mut out, w.rows);
+                    let n = w.rows;
+                    kernels::linear(black_box(&x), rows, w, None, (0, n), |t, o, v| out[t * n + o] = v);
                     black_box(&out);
                 })
             });
@@ -97,7 +100,7 @@ fn bench_kernels(c: &mut Criterion) {
         g.throughput(Throughput::Elements(1));
         g.bench_function(BenchmarkId::new(format!("{di}_n{n}"), dt), |b| {
             b.iter(|| {
-                kernels::selective_scan_step(rows(1), l.a.data, l.d.data, &mut h, &mut y[..di]);
+                kernels::selective_scan_step(rows(1), l.a.data, l.d.data, 0, &mut h, &mut y[..di]);
                 black_box(&y);
             })
         });

@@ -5,6 +5,9 @@
 //! threads through the [`Parallel`] hook, which the std runtime fills with a
 //! thread pool; the core's own [`Sequential`] runs in place.
 
+use core::marker::PhantomData;
+use core::ops::Range;
+
 use crate::config::MambaConfig;
 use crate::error::CoreError;
 use crate::kernels;
@@ -18,6 +21,8 @@ pub trait Parallel: Sync {
     /// Call `f(start, chunk)` for consecutive chunks of `data` of `chunk` values
     /// (the last may be shorter), where `start` is the chunk's offset in `data`.
     fn for_each_chunk(&self, data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync));
+    /// Call `f(i)` for every task `i` in `0..n`.
+    fn for_each_task(&self, n: usize, f: &(dyn Fn(usize) + Sync));
 }
 
 /// Runs every chunk on the calling thread.
@@ -32,6 +37,9 @@ impl Parallel for Sequential {
         for (i, c) in data.chunks_mut(chunk.max(1)).enumerate() {
             f(i * chunk.max(1), c);
         }
+    }
+    fn for_each_task(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        (0..n).for_each(f);
     }
 }
 
@@ -78,35 +86,60 @@ fn check_slots(cfg: &MambaConfig, slots: &[usize], states: &[f32], layer: usize)
 /// Work (tokens x channels x states) above which a sequence's scan is split over threads.
 const PARALLEL_SCAN_MIN: usize = 1 << 16;
 
-/// Writes into a `[rows, cols]` buffer from several threads at once, each
-/// thread owning a disjoint set of columns (scan channels).
-struct ColumnWriter {
+/// Writes into a buffer from several threads at once, each thread owning
+/// a disjoint set of its values (scan channels, output features, the states
+/// of distinct slots).
+struct Disjoint<'b> {
     ptr: *mut f32,
     len: usize,
+    _buf: PhantomData<&'b mut [f32]>,
 }
 
-// SAFETY: the writer only stores to indices that the scan's channel split
-// makes disjoint between tasks, and it outlives no borrow: it is created
-// from a `&mut [f32]` held for the whole parallel call.
+// SAFETY: tasks only touch values that the channel, feature or slot split
+// makes disjoint between them, and the writer holds the exclusive borrow
+// of the buffer for its whole life.
 #[allow(unsafe_code)]
-unsafe impl Sync for ColumnWriter {}
+unsafe impl Sync for Disjoint<'_> {}
 
-impl ColumnWriter {
-    fn new(buf: &mut [f32]) -> Self {
-        ColumnWriter { ptr: buf.as_mut_ptr(), len: buf.len() }
+impl<'b> Disjoint<'b> {
+    fn new(buf: &'b mut [f32]) -> Self {
+        Disjoint { ptr: buf.as_mut_ptr(), len: buf.len(), _buf: PhantomData }
     }
 
     #[inline(always)]
     fn write(&self, i: usize, v: f32) {
-        assert!(i < self.len, "column write out of bounds");
-        // SAFETY: in bounds (checked), and no two tasks write the same index
-        // (each owns its channels' columns); the buffer is exclusively
+        assert!(i < self.len, "disjoint write out of bounds");
+        // SAFETY: in bounds (checked), and no two tasks write the same
+        // index (the split makes them disjoint); the buffer is exclusively
         // borrowed for the writer's life.
         #[allow(unsafe_code)]
         unsafe {
             self.ptr.add(i).write(v)
         };
     }
+
+    /// Values `r` as a slice. The caller's split must give no other task an
+    /// overlapping range while the slice lives (checked by the callers'
+    /// construction: distinct slots, disjoint channel ranges).
+    #[allow(clippy::mut_from_ref)]
+    fn part(&self, r: Range<usize>) -> &mut [f32] {
+        assert!(r.start <= r.end && r.end <= self.len, "disjoint part out of bounds");
+        // SAFETY: in bounds (checked); disjoint from every other task's
+        // part by the caller's split; the buffer is exclusively borrowed.
+        #[allow(unsafe_code)]
+        unsafe {
+            core::slice::from_raw_parts_mut(self.ptr.add(r.start), r.len())
+        }
+    }
+}
+
+/// Channel chunks per sequence for `b` sequences of `d_inner` channels, so
+/// every thread gets a couple of tasks without cutting channels too thin.
+fn channel_chunks(b: usize, d_inner: usize, threads: usize) -> usize {
+    if threads <= 1 {
+        return 1;
+    }
+    (threads * 2).div_ceil(b.max(1)).clamp(1, d_inner.div_ceil(64).max(1))
 }
 
 /// Rows per parallel task so every thread gets a couple of tasks.
@@ -163,20 +196,14 @@ impl<'a> MambaOps for CpuBackend<'a> {
         }
         let x = need("linear x", x, rows * k)?;
         let out = need_mut("linear out", out, rows * n_out)?;
-        if rows == 1 {
-            // Decode: split output features, each weight row read once.
-            let chunk = n_out.div_ceil(self.par.threads().max(1) * 4).max(16);
-            self.par.for_each_chunk(out, chunk, &|f0, o| {
-                kernels::linear(x, 1, w, bias, (f0, f0 + o.len()), o, 0)
-            });
-        } else {
-            let per = rows_per_task(rows, self.par.threads()) * n_out;
-            self.par.for_each_chunk(out, per, &|start, o| {
-                let r0 = start / n_out;
-                let nr = o.len() / n_out;
-                kernels::linear(&x[r0 * k..(r0 + nr) * k], nr, w, bias, (0, n_out), o, n_out)
-            });
-        }
+        // Threads split the output features: each reads only its share of
+        // the weights, once, for all rows (decode and prefill alike).
+        let chunk = n_out.div_ceil(self.par.threads().max(1) * 4).next_multiple_of(4).max(16);
+        let out = Disjoint::new(out);
+        self.par.for_each_task(n_out.div_ceil(chunk), &|i| {
+            let f = (i * chunk, ((i + 1) * chunk).min(n_out));
+            kernels::linear(x, rows, w, bias, f, |t, o, v| out.write(t * n_out + o, v))
+        });
         Ok(())
     }
 
@@ -248,17 +275,25 @@ impl<'a> MambaOps for CpuBackend<'a> {
         let xz = need("xz", xz, slots.len() * 2 * di)?;
         let out = need_mut("conv out", out, slots.len() * di)?;
         let layout = cfg.state_layout();
-        for (i, &slot) in slots.iter().enumerate() {
-            let off = layout.conv_offset(slot, layer.index);
+        let chunks = channel_chunks(slots.len(), di, self.par.threads());
+        let per = di.div_ceil(chunks);
+        let (st, out) = (Disjoint::new(states), Disjoint::new(out));
+        self.par.for_each_task(slots.len() * chunks, &|task| {
+            let (i, d0) = (task / chunks, (task % chunks) * per);
+            let d1 = (d0 + per).min(di);
+            let off = layout.conv_offset(slots[i], layer.index);
+            // Distinct slots (checked) and disjoint channel ranges: no two
+            // tasks share a state or an output value.
             kernels::conv1d_step(
                 &xz[i * 2 * di..i * 2 * di + di],
                 k,
                 lw.conv_w.data,
                 lw.conv_b.map(|b| b.data),
-                &mut states[off..off + layout.conv_len()],
-                &mut out[i * di..(i + 1) * di],
+                d0,
+                st.part(off + d0 * k..off + d1 * k),
+                out.part(i * di + d0..i * di + d1),
             );
-        }
+        });
         Ok(())
     }
 
@@ -297,7 +332,7 @@ impl<'a> MambaOps for CpuBackend<'a> {
             if self.par.threads() > 1 && r.len() * di * n_s >= PARALLEL_SCAN_MIN {
                 // Channels are independent: split them over threads; each
                 // task owns its channels' states and writes only their y columns.
-                let out = ColumnWriter::new(y);
+                let out = Disjoint::new(y);
                 let chunk = di.div_ceil(self.par.threads() * 4).max(1) * n_s;
                 self.par.for_each_chunk(state, chunk, &|start, st| {
                     kernels::selective_scan_channels(
@@ -332,25 +367,34 @@ impl<'a> MambaOps for CpuBackend<'a> {
         let (dbc, xz) = (need("scan dbc", act.dbc, b * xp)?, need("scan xz", act.xz, b * 2 * di)?);
         let y = need_mut("scan y", y, b * di)?;
         let layout = cfg.state_layout();
-        for (i, &slot) in slots.iter().enumerate() {
-            let off = layout.ssm_offset(slot, layer.index);
+        let n_s = cfg.d_state;
+        let chunks = channel_chunks(b, di, self.par.threads());
+        let per = di.div_ceil(chunks);
+        let (st, y) = (Disjoint::new(states), Disjoint::new(y));
+        self.par.for_each_task(b * chunks, &|task| {
+            let (i, d0) = (task / chunks, (task % chunks) * per);
+            let d1 = (d0 + per).min(di);
+            let off = layout.ssm_offset(slots[i], layer.index);
             let seq = kernels::ScanRows {
                 x: &x[i * di..(i + 1) * di],
                 dt: &dt[i * di..(i + 1) * di],
                 dbc: &dbc[i * xp..(i + 1) * xp],
                 xz: &xz[i * 2 * di..(i + 1) * 2 * di],
                 d_inner: di,
-                d_state: cfg.d_state,
+                d_state: n_s,
                 dt_rank: cfg.dt_rank,
             };
+            // Distinct slots (checked) and disjoint channel ranges: no two
+            // tasks share a state or an output value.
             kernels::selective_scan_step(
                 seq,
                 lw.a.data,
                 lw.d.data,
-                &mut states[off..off + layout.ssm_len()],
-                &mut y[i * di..(i + 1) * di],
+                d0,
+                st.part(off + d0 * n_s..off + d1 * n_s),
+                y.part(i * di + d0..i * di + d1),
             );
-        }
+        });
         Ok(())
     }
 

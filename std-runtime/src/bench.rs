@@ -11,9 +11,10 @@
 //! Decode costs the same at any position (the state has a fixed size), so the
 //! decode repeats simply continue the same sequences.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use mamba_core::{Parallel, Tensor};
+use mamba_core::{Parallel, Tensor, WData};
 use serde_json::json;
 
 use crate::error::{Error, Result};
@@ -64,16 +65,75 @@ pub struct BenchReport {
     pub decode_gb_s: f64,
     /// Recurrent state of one sequence (independent of its length).
     pub state_bytes_per_seq: usize,
+    /// How fast the same threads merely read those bytes, GB/s, measured in
+    /// this run ([`read_rate_gb_s`]).
+    pub read_gb_s: f64,
+    /// The batch-1 decode bound that read rate sets: `read_gb_s / bytes per token`.
+    pub decode_bound_tok_s: f64,
 }
 
 /// Weight bytes a decode step reads at batch 1 (see [`BenchReport::decode_bytes_per_token`]).
 pub fn decode_bytes_per_token(model: &LoadedModel) -> Result<usize> {
+    Ok(decode_weights(model)?.iter().map(|b| b.len()).sum())
+}
+
+/// The bytes of every weight a decode step reads (the lookup row, untied,
+/// is left out: a few KB that [`decode_bytes_per_token`] adds back).
+fn decode_weights(model: &LoadedModel) -> Result<Vec<&[u8]>> {
     let v = model.view()?;
     let m = v.model();
-    let b = |t: &Tensor<'_>| t.nbytes();
-    let layers: usize = m.layers.iter().flat_map(|l| l.each()).map(Tensor::nbytes).sum();
-    let lookup = if m.lm_head.is_some() { m.embedding.cols * m.embedding.dtype().size() } else { 0 };
-    Ok(layers + b(&m.norm_f) + b(m.head()) + lookup)
+    let mut out: Vec<&[u8]> = m.layers.iter().flat_map(|l| l.each()).map(tensor_bytes).collect();
+    out.push(tensor_bytes(&m.norm_f));
+    out.push(tensor_bytes(m.head()));
+    if m.lm_head.is_some() {
+        let row = m.embedding.cols * m.embedding.dtype().size();
+        out.push(&tensor_bytes(&m.embedding)[..row]);
+    }
+    Ok(out)
+}
+
+fn tensor_bytes<'a>(t: &Tensor<'a>) -> &'a [u8] {
+    match t.data {
+        WData::F32(d) => bytemuck::cast_slice(d),
+        WData::F16(d) => bytemuck::cast_slice(d),
+        WData::BF16(d) => bytemuck::cast_slice(d),
+    }
+}
+
+/// The rate, in GB/s (1e9), at which the pool's threads can merely read the
+/// bytes a decode step reads: the memory-bandwidth bound of batch-1 decode
+/// on this machine, measured now (median of three passes).
+pub fn read_rate_gb_s(model: &LoadedModel, par: &dyn Parallel) -> Result<f64> {
+    const PIECE: usize = 256 * 1024;
+    let weights = decode_weights(model)?;
+    let pieces: Vec<&[u8]> = weights.iter().flat_map(|w| w.chunks(PIECE)).collect();
+    let total: usize = pieces.iter().map(|p| p.len()).sum();
+    let sink = AtomicU64::new(0);
+    let times: Vec<Duration> = (0..3)
+        .map(|_| {
+            let t0 = Instant::now();
+            par.for_each_task(pieces.len(), &|i| {
+                sink.fetch_xor(fold_words(pieces[i]), Ordering::Relaxed);
+            });
+            t0.elapsed()
+        })
+        .collect();
+    std::hint::black_box(sink.load(Ordering::Relaxed));
+    Ok(per_sec(total as f64, median(times)) / 1e9)
+}
+
+/// XOR of the bytes as 8-byte words: one cheap operation per load, so the
+/// loop runs at the speed of memory.
+fn fold_words(bytes: &[u8]) -> u64 {
+    let mut acc = [0u64; 8];
+    let mut blocks = bytes.chunks_exact(64);
+    for b in &mut blocks {
+        for (a, w) in acc.iter_mut().zip(b.chunks_exact(8)) {
+            *a ^= u64::from_le_bytes(w.try_into().unwrap_or_default());
+        }
+    }
+    let tail = blocks.remainder().iter().fold(0u64, |a, &b| a.rotate_left(8) ^ b as u64);
+    acc.iter().fold(tail, |a, &b| a ^ b)
 }
 
 fn median(mut t: Vec<Duration>) -> Duration {
@@ -143,6 +203,7 @@ pub fn run(model: &LoadedModel, par: &dyn Parallel, cfg: &BenchConfig) -> Result
     let decode = median(times);
 
     let bytes_per_step = decode_bytes_per_token(model)?;
+    let read_gb_s = read_rate_gb_s(model, par)?;
     let (decode_tok_s, decode_gb_s) = if cfg.gen_tokens == 0 {
         (0.0, 0.0)
     } else {
@@ -162,6 +223,8 @@ pub fn run(model: &LoadedModel, par: &dyn Parallel, cfg: &BenchConfig) -> Result
         decode_bytes_per_token: bytes_per_step,
         decode_gb_s,
         state_bytes_per_seq: model.cfg.footprint().state_bytes_per_seq(),
+        read_gb_s,
+        decode_bound_tok_s: read_gb_s * 1e9 / bytes_per_step.max(1) as f64,
     })
 }
 
@@ -181,13 +244,15 @@ impl BenchReport {
             "decode_bytes_per_token": self.decode_bytes_per_token,
             "decode_gb_s": self.decode_gb_s,
             "state_bytes_per_seq": self.state_bytes_per_seq,
+            "read_gb_s": self.read_gb_s,
+            "decode_bound_tokens_per_s": self.decode_bound_tok_s,
         })
     }
 
     /// The column names of [`table_line`](Self::table_line).
     pub fn table_header() -> String {
         format!(
-            "{:<24} {:>5} {:>3} {:>6} {:>5} {:>5} {:>12} {:>11} {:>11} {:>10} {:>9}",
+            "{:<24} {:>5} {:>3} {:>6} {:>5} {:>5} {:>12} {:>11} {:>11} {:>9} {:>10} {:>10} {:>9}",
             "model",
             "dtype",
             "thr",
@@ -197,6 +262,8 @@ impl BenchReport {
             "prefill t/s",
             "decode t/s",
             "decode GB/s",
+            "read GB/s",
+            "bound t/s",
             "weights MB",
             "state KiB"
         )
@@ -205,7 +272,7 @@ impl BenchReport {
     /// One row: the setup, both speeds and the sizes.
     pub fn table_line(&self) -> String {
         format!(
-            "{:<24} {:>5} {:>3} {:>6} {:>5} {:>5} {:>12.1} {:>11.2} {:>11.2} {:>10.1} {:>9.1}",
+            "{:<24} {:>5} {:>3} {:>6} {:>5} {:>5} {:>12.1} {:>11.2} {:>11.2} {:>9.2} {:>10.1} {:>10.1} {:>9.1}",
             self.model,
             self.dtype,
             self.threads,
@@ -215,6 +282,8 @@ impl BenchReport {
             self.prefill_tok_s,
             self.decode_tok_s,
             self.decode_gb_s,
+            self.read_gb_s,
+            self.decode_bound_tok_s,
             self.weight_bytes as f64 / 1e6,
             self.state_bytes_per_seq as f64 / 1024.0
         )
@@ -253,8 +322,12 @@ mod tests {
             assert!(r.table_line().starts_with("synthetic:tiny"));
             assert_eq!(
                 BenchReport::table_header().split_whitespace().count(),
-                r.table_line().split_whitespace().count() + 5
+                r.table_line().split_whitespace().count() + 7
             );
+            // The bound is the measured read rate over the same bytes.
+            assert!(r.read_gb_s > 0.0);
+            let bound = r.read_gb_s * 1e9 / r.decode_bytes_per_token as f64;
+            assert!((r.decode_bound_tok_s - bound).abs() <= 1e-9 * bound);
         }
     }
 

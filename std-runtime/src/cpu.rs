@@ -1,8 +1,10 @@
 //! CPU feature detection for the core's SIMD kernels.
 //!
 //! The core cannot detect features without `std`; this switches its AVX2
-//! kernels on once when the CPU has AVX2, FMA and F16C. `MAMBA_SIMD=0`
-//! keeps the portable kernels (to compare, or to rule SIMD out).
+//! kernels on once when the CPU has AVX2, FMA and F16C, and its AVX-512
+//! tiles when it also has AVX-512 F/BW/VL. `MAMBA_SIMD=0` keeps the
+//! portable kernels, `MAMBA_SIMD=avx2` stops at AVX2 (to compare, or to
+//! rule a kernel set out).
 
 use std::sync::OnceLock;
 
@@ -13,6 +15,23 @@ pub fn init_simd() -> &'static str {
     SIMD.get_or_init(|| {
         if std::env::var("MAMBA_SIMD").is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("off")) {
             return "portable (MAMBA_SIMD=0)";
+        }
+        let avx2_only = std::env::var("MAMBA_SIMD").is_ok_and(|v| v.eq_ignore_ascii_case("avx2"));
+        #[cfg(target_arch = "x86_64")]
+        if !avx2_only
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+        {
+            // SAFETY: all six features were detected on this CPU just above.
+            #[allow(unsafe_code)]
+            unsafe {
+                mamba_core::kernels::simd::enable_avx512()
+            };
+            return "avx512+avx2+fma+f16c";
         }
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2")

@@ -56,4 +56,12 @@ impl Parallel for RayonParallel {
         }
         self.pool.install(|| data.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * chunk, c)));
     }
+
+    fn for_each_task(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        if n <= 1 || self.threads() == 1 {
+            (0..n).for_each(f);
+            return;
+        }
+        self.pool.install(|| (0..n).into_par_iter().for_each(f));
+    }
 }

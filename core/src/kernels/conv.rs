@@ -5,6 +5,7 @@
 //! newest input.
 
 use super::act::silu;
+use super::simd::multiversion;
 use crate::tensor::WData;
 
 /// One sequence of `len` tokens. `xz`: `[len, xz_stride]` with the conv
@@ -54,23 +55,44 @@ pub fn conv1d_seq(
     }
 }
 
-/// One token: shift each channel's state left, append `x[d]`, convolve.
-/// `x`: `[d_inner]`; `state`: `[d_inner, K]`; `out`: `[d_inner]`.
-pub fn conv1d_step(
-    x: &[f32],
-    k: usize,
-    w: WData<'_>,
-    bias: Option<WData<'_>>,
-    state: &mut [f32],
-    out: &mut [f32],
-) {
-    for (d, (s, o)) in state.chunks_exact_mut(k).zip(out.iter_mut()).enumerate() {
-        s.copy_within(1.., 0);
-        s[k - 1] = x[d];
-        let mut acc = bias.map_or(0.0, |b| b.get(d));
-        for (tap, &v) in s.iter().enumerate() {
-            acc += w.get(d * k + tap) * v;
+multiversion! {
+    /// One token, channels `d0 .. d0 + out.len()`: shift each channel's state
+    /// left, append `x[d]`, convolve. `x`: `[d_inner]`; `w`: `[d_inner, K]`;
+    /// `state`: `[out.len(), K]` (those channels'); `out`: SiLU applied.
+    pub fn conv1d_step(
+        x: &[f32],
+        k: usize,
+        w: WData<'_>,
+        bias: Option<WData<'_>>,
+        d0: usize,
+        state: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let n = out.len();
+        // The bias first, as the prefill kernel sums.
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = bias.map_or(0.0, |b| b.get(d0 + i));
         }
-        *o = silu(acc);
+        let x = &x[d0..d0 + n];
+        match w {
+            WData::F32(ws) => taps(x, k, &ws[d0 * k..], |v| v, state, out),
+            WData::F16(ws) => taps(x, k, &ws[d0 * k..], |v| v.to_f32(), state, out),
+            WData::BF16(ws) => taps(x, k, &ws[d0 * k..], crate::tensor::bf16_to_f32, state, out),
+        }
+        // SiLU as its own pass: it vectorises.
+        for o in out.iter_mut() {
+            *o = silu(*o);
+        }
+    }
+}
+
+#[inline(always)]
+fn taps<T: Copy>(x: &[f32], k: usize, w: &[T], widen: impl Fn(T) -> f32, state: &mut [f32], out: &mut [f32]) {
+    for (((s, o), &xv), wr) in state.chunks_exact_mut(k).zip(out.iter_mut()).zip(x).zip(w.chunks_exact(k)) {
+        s.copy_within(1.., 0);
+        s[k - 1] = xv;
+        for (&v, &g) in s.iter().zip(wr) {
+            *o += widen(g) * v;
+        }
     }
 }

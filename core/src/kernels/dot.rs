@@ -10,6 +10,9 @@ use crate::tensor::{bf16_to_f32, WData};
 /// `sum_i w[i] * x[i]` over the shorter of the two.
 #[inline]
 pub fn dot(w: WData<'_>, x: &[f32]) -> f32 {
+    if let Some(v) = super::avx512::dot(w, x) {
+        return v;
+    }
     #[cfg(target_arch = "x86_64")]
     if super::simd::avx2_enabled() {
         use super::simd::x86;

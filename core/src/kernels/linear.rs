@@ -1,5 +1,6 @@
 //! Linear layers: `y = x W^T + b` with W stored `[out, in]` in any dtype.
 
+use super::simd::multiversion;
 use super::{
     act::softplus,
     dot::{dot, dot4},
@@ -7,19 +8,23 @@ use super::{
 use crate::tensor::Tensor;
 
 /// Output features `f0..f1` for `rows` rows of `x` (`[rows, in]`):
-/// `out[t * out_stride + (o - f0)] = dot(w[o], x[t]) + bias[o]`.
+/// `store(t, o, dot(w[o], x[t]) + bias[o])`.
 ///
-/// Features are the outer loop so each weight row is read from memory once
-/// and reused, from cache, for every row of `x`.
+/// With AVX-512 the product runs in register tiles over panels of weight
+/// rows ([`super::avx512`]). Otherwise features are the outer loop so each
+/// weight row is read from memory once and reused, from cache, for every
+/// row of `x`, four tokens at a time.
 pub fn linear(
     x: &[f32],
     rows: usize,
     w: &Tensor<'_>,
     bias: Option<&Tensor<'_>>,
     (f0, f1): (usize, usize),
-    out: &mut [f32],
-    out_stride: usize,
+    mut store: impl FnMut(usize, usize, f32),
 ) {
+    if super::avx512::linear(x, rows, w, bias, (f0, f1), &mut store) {
+        return;
+    }
     let k = w.cols;
     let xr = |t: usize| &x[t * k..(t + 1) * k];
     for o in f0..f1 {
@@ -30,32 +35,38 @@ pub fn linear(
         while t + 4 <= rows {
             let d = dot4(wr, [xr(t), xr(t + 1), xr(t + 2), xr(t + 3)]);
             for (j, v) in d.into_iter().enumerate() {
-                out[(t + j) * out_stride + (o - f0)] = v + b;
+                store(t + j, o, v + b);
             }
             t += 4;
         }
         for t in t..rows {
-            out[t * out_stride + (o - f0)] = dot(wr, xr(t)) + b;
+            store(t, o, dot(wr, xr(t)) + b);
         }
     }
 }
 
-/// `dt[t, d] = softplus(dt_proj[d] . dbc[t, 0..dt_rank] + dt_bias[d])`.
-/// `dbc`: `[rows, dbc_stride]`, `dt_proj`: `[d_inner, dt_rank]`, `dt`: `[rows, d_inner]`.
-pub fn dt_proj_softplus(
-    dbc: &[f32],
-    dbc_stride: usize,
-    rows: usize,
-    dt_proj: &Tensor<'_>,
-    dt_bias: &Tensor<'_>,
-    dt: &mut [f32],
-) {
-    let (d_inner, r) = (dt_proj.rows, dt_proj.cols);
-    for t in 0..rows {
-        let dt_in = &dbc[t * dbc_stride..t * dbc_stride + r];
-        let out = &mut dt[t * d_inner..(t + 1) * d_inner];
-        for (d, o) in out.iter_mut().enumerate() {
-            *o = softplus(dot(dt_proj.row(d), dt_in) + dt_bias.data.get(d));
+multiversion! {
+    /// `dt[t, d] = softplus(dt_proj[d] . dbc[t, 0..dt_rank] + dt_bias[d])`.
+    /// `dbc`: `[rows, dbc_stride]`, `dt_proj`: `[d_inner, dt_rank]`, `dt`: `[rows, d_inner]`.
+    pub fn dt_proj_softplus(
+        dbc: &[f32],
+        dbc_stride: usize,
+        rows: usize,
+        dt_proj: &Tensor<'_>,
+        dt_bias: &Tensor<'_>,
+        dt: &mut [f32],
+    ) {
+        let (d_inner, r) = (dt_proj.rows, dt_proj.cols);
+        for t in 0..rows {
+            let dt_in = &dbc[t * dbc_stride..t * dbc_stride + r];
+            let out = &mut dt[t * d_inner..(t + 1) * d_inner];
+            for (d, o) in out.iter_mut().enumerate() {
+                *o = dot(dt_proj.row(d), dt_in) + dt_bias.data.get(d);
+            }
+            // A separate pass, so the branch-free softplus vectorises.
+            for o in out.iter_mut() {
+                *o = softplus(*o);
+            }
         }
     }
 }

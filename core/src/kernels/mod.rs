@@ -4,6 +4,7 @@
 //! shapes themselves: the backend validates once per call, then dispatches.
 
 pub mod act;
+pub mod avx512;
 pub mod conv;
 pub mod dot;
 pub mod embed;

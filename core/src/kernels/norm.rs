@@ -1,15 +1,51 @@
 //! RMSNorm with f32 accumulation.
 
+use super::simd::multiversion;
 use crate::tensor::WData;
 
-/// For each row of `x` (`[rows, w.len()]`): `out = x / sqrt(mean(x^2) + eps) * w`.
-pub fn rms_norm(x: &[f32], w: WData<'_>, eps: f32, out: &mut [f32]) {
-    let d = w.len();
-    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let ss: f32 = xr.iter().map(|v| v * v).sum();
-        let inv = 1.0 / libm::sqrtf(ss / d as f32 + eps);
-        for (i, (o, &v)) in or.iter_mut().zip(xr).enumerate() {
-            *o = v * inv * w.get(i);
+/// Lane-wise partial sums of the squares, added in a fixed tree.
+const LANES: usize = 16;
+
+multiversion! {
+    /// For each row of `x` (`[rows, w.len()]`): `out = x / sqrt(mean(x^2) + eps) * w`.
+    pub fn rms_norm(x: &[f32], w: WData<'_>, eps: f32, out: &mut [f32]) {
+        let d = w.len();
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let inv = 1.0 / libm::sqrtf(sum_squares(xr) / d as f32 + eps);
+            match w {
+                WData::F32(ws) => scale(xr, ws, inv, |v| v, or),
+                WData::F16(ws) => scale(xr, ws, inv, |v| v.to_f32(), or),
+                WData::BF16(ws) => scale(xr, ws, inv, crate::tensor::bf16_to_f32, or),
+            }
         }
+    }
+}
+
+#[inline(always)]
+fn sum_squares(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut blocks = x.chunks_exact(LANES);
+    for b in &mut blocks {
+        for j in 0..LANES {
+            acc[j] += b[j] * b[j];
+        }
+    }
+    for (j, v) in blocks.remainder().iter().enumerate() {
+        acc[j] += v * v;
+    }
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for j in 0..w {
+            acc[j] += acc[j + w];
+        }
+    }
+    acc[0]
+}
+
+#[inline(always)]
+fn scale<T: Copy>(x: &[f32], w: &[T], inv: f32, widen: impl Fn(T) -> f32, out: &mut [f32]) {
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * inv * widen(g);
     }
 }

@@ -6,6 +6,7 @@
 //! Nothing of size `[tokens, d_inner, d_state]` is materialised.
 
 use super::act::{exp_fast, silu};
+use super::simd::multiversion;
 use crate::config::MAX_D_STATE;
 use crate::tensor::WData;
 
@@ -47,73 +48,132 @@ pub fn selective_scan_seq(
     selective_scan_channels(rows, len, a, d_skip, 0, state, |t, d, v| y[t * di + d] = v);
 }
 
-/// The scan of channels `d0 .. d0 + state.len() / d_state` only (their
-/// states are a contiguous part of the layer's state), handing each output
-/// `y[t, d]` to `write(t, d, value)`: threads can take disjoint channel ranges.
-pub fn selective_scan_channels(
-    rows: ScanRows<'_>,
-    len: usize,
-    a: WData<'_>,
-    d_skip: WData<'_>,
-    d0: usize,
-    state: &mut [f32],
-    mut write: impl FnMut(usize, usize, f32),
-) {
-    let ScanRows { x, dt, dbc, xz, d_inner, d_state: n_s, dt_rank } = rows;
-    let xp = dt_rank + 2 * n_s;
-    let mut a_row = [0.0f32; MAX_D_STATE];
-    for (k, h) in state.chunks_exact_mut(n_s).enumerate() {
-        let d = d0 + k;
-        for (n, v) in a_row.iter_mut().enumerate().take(n_s) {
-            *v = a.get(d * n_s + n);
-        }
-        let dd = d_skip.get(d);
-        for t in 0..len {
-            let xv = x[t * d_inner + d];
-            let dtv = dt[t * d_inner + d];
-            let b = &dbc[t * xp + dt_rank..t * xp + dt_rank + n_s];
-            let c = &dbc[t * xp + dt_rank + n_s..t * xp + xp];
-            let acc = update(h, &a_row[..n_s], dtv, dtv * xv, b, c);
-            let z = xz[t * 2 * d_inner + d_inner + d];
-            write(t, d, (acc + dd * xv) * silu(z));
+multiversion! {
+    /// The scan of channels `d0 .. d0 + state.len() / d_state` only (their
+    /// states are a contiguous part of the layer's state), handing each output
+    /// `y[t, d]` to `write(t, d, value)`: threads can take disjoint channel ranges.
+    pub fn selective_scan_channels(
+        rows: ScanRows<'_>,
+        len: usize,
+        a: WData<'_>,
+        d_skip: WData<'_>,
+        d0: usize,
+        state: &mut [f32],
+        write: impl FnMut(usize, usize, f32),
+    ) {
+        let mut write = write;
+        let ScanRows { x, dt, dbc, xz, d_inner, d_state: n_s, dt_rank } = rows;
+        let xp = dt_rank + 2 * n_s;
+        let mut a_buf = [0.0f32; MAX_D_STATE];
+        for (k, h) in state.chunks_exact_mut(n_s).enumerate() {
+            let d = d0 + k;
+            let a_row = a_row(a, d, n_s, &mut a_buf);
+            let dd = d_skip.get(d);
+            for t in 0..len {
+                let xv = x[t * d_inner + d];
+                let dtv = dt[t * d_inner + d];
+                let b = &dbc[t * xp + dt_rank..t * xp + dt_rank + n_s];
+                let c = &dbc[t * xp + dt_rank + n_s..t * xp + xp];
+                let acc = update(h, a_row, dtv, dtv * xv, b, c);
+                let z = xz[t * 2 * d_inner + d_inner + d];
+                write(t, d, (acc + dd * xv) * silu(z));
+            }
         }
     }
 }
 
+/// Row `d` of A (`[d_inner, d_state]`) as f32: borrowed when stored so.
+#[inline(always)]
+fn a_row<'b>(a: WData<'b>, d: usize, n_s: usize, buf: &'b mut [f32; MAX_D_STATE]) -> &'b [f32] {
+    match a {
+        WData::F32(s) => &s[d * n_s..(d + 1) * n_s],
+        _ => {
+            for (n, v) in buf.iter_mut().enumerate().take(n_s) {
+                *v = a.get(d * n_s + n);
+            }
+            &buf[..n_s]
+        }
+    }
+}
+
+/// Lanes of [`update`]: `d_state` 16 (every published Mamba) is one pass.
+const LANES: usize = 16;
+
 /// One channel, one token: `h = exp(dt A) h + dt x B`, returns `h . C`.
-/// The decay and the update are element-wise passes that vectorise; only
-/// the final sum is sequential.
+/// Element-wise in blocks of [`LANES`] that vectorise, with `h . C` kept in
+/// lane-wise partial sums added in a fixed tree at the end (a sequential
+/// sum would cost a dependent add per state).
 #[inline(always)]
 fn update(h: &mut [f32], a: &[f32], dt: f32, dtx: f32, b: &[f32], c: &[f32]) -> f32 {
     let n = h.len();
-    let mut decay = [0.0f32; MAX_D_STATE];
-    for (e, &av) in decay[..n].iter_mut().zip(a) {
-        *e = exp_fast(dt * av);
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    let mut acc = [0.0f32; LANES];
+    let full = n / LANES * LANES;
+    let blocks = h[..full]
+        .chunks_exact_mut(LANES)
+        .zip(a.chunks_exact(LANES))
+        .zip(b.chunks_exact(LANES))
+        .zip(c.chunks_exact(LANES));
+    for (((hb, ab), bb), cb) in blocks {
+        for j in 0..LANES {
+            let hv = exp_fast(dt * ab[j]) * hb[j] + dtx * bb[j];
+            hb[j] = hv;
+            acc[j] += hv * cb[j];
+        }
     }
-    for ((hv, &e), &bv) in h.iter_mut().zip(&decay[..n]).zip(&b[..n]) {
-        *hv = e * *hv + dtx * bv;
+    for j in full..n {
+        let hv = exp_fast(dt * a[j]) * h[j] + dtx * b[j];
+        h[j] = hv;
+        acc[j - full] += hv * c[j];
     }
-    h.iter().zip(&c[..n]).map(|(hv, cv)| hv * cv).sum()
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for j in 0..w {
+            acc[j] += acc[j + w];
+        }
+    }
+    acc[0]
 }
 
-/// One token of one sequence: the same recurrence, `len = 1`.
-pub fn selective_scan_step(
-    rows: ScanRows<'_>,
-    a: WData<'_>,
-    d_skip: WData<'_>,
-    state: &mut [f32],
-    y: &mut [f32],
-) {
-    let ScanRows { x, dt, dbc, xz, d_inner, d_state: n_s, dt_rank } = rows;
-    let b = &dbc[dt_rank..dt_rank + n_s];
-    let c = &dbc[dt_rank + n_s..dt_rank + 2 * n_s];
-    let mut a_row = [0.0f32; MAX_D_STATE];
-    for (d, h) in state.chunks_exact_mut(n_s).enumerate().take(d_inner) {
-        let (xv, dtv) = (x[d], dt[d]);
-        for (n, v) in a_row.iter_mut().enumerate().take(n_s) {
-            *v = a.get(d * n_s + n);
+multiversion! {
+    /// One token of one sequence, channels `d0 .. d0 + y.len()` (their states
+    /// `[y.len(), d_state]` are `state`): the same recurrence, `len = 1`.
+    pub fn selective_scan_step(
+        rows: ScanRows<'_>,
+        a: WData<'_>,
+        d_skip: WData<'_>,
+        d0: usize,
+        state: &mut [f32],
+        y: &mut [f32],
+    ) {
+        let ScanRows { x, dt, dbc, xz, d_inner, d_state: n_s, dt_rank } = rows;
+        let b = &dbc[dt_rank..dt_rank + n_s];
+        let c = &dbc[dt_rank + n_s..dt_rank + 2 * n_s];
+        let mut a_buf = [0.0f32; MAX_D_STATE];
+        for (k, (h, yv)) in state.chunks_exact_mut(n_s).zip(y.iter_mut()).enumerate() {
+            let d = d0 + k;
+            let (xv, dtv) = (x[d], dt[d]);
+            let a_row = a_row(a, d, n_s, &mut a_buf);
+            *yv = update(h, a_row, dtv, dtv * xv, b, c);
         }
-        let acc = update(h, &a_row[..n_s], dtv, dtv * xv, b, c);
-        y[d] = (acc + d_skip.get(d) * xv) * silu(xz[d_inner + d]);
+        // D skip and gate as separate passes over the channels: they vectorise.
+        let n = y.len();
+        let (x, z) = (&x[d0..d0 + n], &xz[d_inner + d0..d_inner + d0 + n]);
+        match d_skip {
+            WData::F32(dd) => skip(y, x, &dd[d0..d0 + n], |v| v),
+            WData::F16(dd) => skip(y, x, &dd[d0..d0 + n], |v| v.to_f32()),
+            WData::BF16(dd) => skip(y, x, &dd[d0..d0 + n], crate::tensor::bf16_to_f32),
+        }
+        for (yv, &zv) in y.iter_mut().zip(z) {
+            *yv *= silu(zv);
+        }
+    }
+}
+
+#[inline(always)]
+fn skip<T: Copy>(y: &mut [f32], x: &[f32], d: &[T], widen: impl Fn(T) -> f32) {
+    for ((yv, &xv), &dv) in y.iter_mut().zip(x).zip(d) {
+        *yv += widen(dv) * xv;
     }
 }

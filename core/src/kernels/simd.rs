@@ -26,6 +26,67 @@ pub fn avx2_enabled() -> bool {
     AVX2.load(Ordering::Relaxed)
 }
 
+static AVX512: AtomicBool = AtomicBool::new(false);
+
+/// Use the AVX-512 tiles ([`super::avx512`]) for matrix products and dot
+/// products from now on (and the AVX2 kernels for the rest).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, BW and VL as well as AVX2, FMA and F16C.
+pub unsafe fn enable_avx512() {
+    enable_avx2();
+    AVX512.store(cfg!(target_arch = "x86_64"), Ordering::Relaxed);
+}
+
+/// Switch the AVX-512 tiles off again (the AVX2 kernels stay as they were),
+/// so tests and benchmarks can compare both in one process.
+pub fn disable_avx512() {
+    AVX512.store(false, Ordering::Relaxed);
+}
+
+/// Whether the AVX-512 tiles are in use.
+#[inline(always)]
+pub fn avx512_enabled() -> bool {
+    AVX512.load(Ordering::Relaxed)
+}
+
+/// Defines `pub fn $name` whose body is compiled three times, for AVX-512,
+/// for AVX2 and portable, and picked at run time by the switches above. The
+/// body is ordinary Rust: this lets the compiler vectorise it at the wider
+/// width. Rust never fuses a multiply and an add on its own, and the bodies
+/// fix their summation order, so all three give the same bits.
+macro_rules! multiversion {
+    ($(#[$attr:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$attr])*
+        #[allow(unsafe_code)]
+        pub fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if $crate::kernels::simd::avx512_enabled() {
+                    // SAFETY: enable_avx512's contract: the CPU has these features.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if $crate::kernels::simd::avx2_enabled() {
+                    // SAFETY: enable_avx2's contract: the CPU has these features.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use core::arch::x86_64::*;

@@ -1,0 +1,320 @@
+//! x86-64 AVX-512 tiles of a matrix product, chosen at run time.
+//!
+//! A tile is `R` weight rows against `T` activation rows. Every (row, token)
+//! pair has two 16-lane accumulators, for the even and the odd blocks of 16
+//! along `k` (the last block masked, so no scalar tail), added and reduced
+//! in one fixed order at the end: a pair gives the same bits in every tile
+//! shape. Two chains, not one, because a lone row (decode) would otherwise
+//! wait on the FMA latency: one chain caps bf16 at about 20 GB/s a core. So a token's output does
+//! not depend on how many other tokens share the product, nor on how the
+//! threads split it (ragged = solo, chunked = whole, threaded = sequential).
+//!
+//! Like the AVX2 kernels, these switch on once through
+//! [`super::simd::enable_avx512`], which the std runtime calls after
+//! detecting AVX-512 F/BW/VL.
+#![allow(unsafe_code)]
+
+use crate::tensor::{Tensor, WData};
+
+/// Weight rows per tile in a blocked product.
+const TILE_R: usize = 3;
+/// Activation rows per tile: 3 x 4 x 2 accumulators + 6 weights + 1
+/// activation fit the 32 vector registers.
+const TILE_T: usize = 4;
+/// Bytes of weight rows kept hot (in L2) while every token block passes over them.
+const PANEL_BYTES: usize = 192 * 1024;
+
+/// `store(t, o, x[t] . w[o] + bias[o])` for features `f0..f1` and all `rows`
+/// rows of `x` (`[rows, k]`, `k = w.cols`). Returns `false`, doing nothing,
+/// when the AVX-512 kernels are not switched on.
+pub fn linear(
+    x: &[f32],
+    rows: usize,
+    w: &Tensor<'_>,
+    bias: Option<&Tensor<'_>>,
+    (f0, f1): (usize, usize),
+    store: &mut impl FnMut(usize, usize, f32),
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::avx512_enabled() {
+        match w.data {
+            WData::F32(d) => blocked(d, w.cols, x, rows, bias, (f0, f1), store),
+            WData::F16(d) => blocked(d, w.cols, x, rows, bias, (f0, f1), store),
+            WData::BF16(d) => blocked(d, w.cols, x, rows, bias, (f0, f1), store),
+        }
+        return true;
+    }
+    let _ = (x, rows, w, bias, f0, f1, store);
+    false
+}
+
+/// `w . x` over the shorter of the two, in the tiles' order; `None` when
+/// the AVX-512 kernels are off.
+#[inline]
+pub fn dot(w: WData<'_>, x: &[f32]) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::avx512_enabled() {
+        let k = w.len().min(x.len());
+        // SAFETY: enable_avx512's contract gives the features; both rows
+        // hold at least `k` elements.
+        let r = unsafe {
+            match w {
+                WData::F32(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k, false),
+                WData::F16(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k, false),
+                WData::BF16(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k, false),
+            }
+        };
+        return Some(r[0][0]);
+    }
+    let _ = (w, x);
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+fn blocked<W: x86::Widen16>(
+    w: &[W],
+    k: usize,
+    x: &[f32],
+    rows: usize,
+    bias: Option<&Tensor<'_>>,
+    (f0, f1): (usize, usize),
+    store: &mut impl FnMut(usize, usize, f32),
+) {
+    // The tiles read raw pointers: every row they touch must be in bounds.
+    assert!(f1 * k <= w.len() && rows * k <= x.len(), "linear: operands shorter than their shapes");
+    let b = |o: usize| bias.map_or(0.0, |b| b.data.get(o));
+    if rows == 1 {
+        // One token is a pure stream of weights: rows one after another,
+        // which the DRAM prefetchers follow best (measured: interleaved
+        // rows read the lm head at half the rate), many rows per call.
+        let mut buf = [0.0f32; 64];
+        let mut o = f0;
+        while o < f1 {
+            let n = (f1 - o).min(buf.len());
+            // SAFETY: rows o..o+n are in bounds (asserted above);
+            // enable_avx512's contract gives the CPU features.
+            unsafe { x86::gemv(w, k, o, x, &mut buf[..n]) };
+            for (i, &v) in buf[..n].iter().enumerate() {
+                store(0, o + i, v + b(o + i));
+            }
+            o += n;
+        }
+        return;
+    }
+    let panel = (PANEL_BYTES / (k * core::mem::size_of::<W>()).max(1)).max(TILE_R) / TILE_R * TILE_R;
+    let mut p0 = f0;
+    while p0 < f1 {
+        let p1 = (p0 + panel).min(f1);
+        let mut t0 = 0;
+        while t0 < rows {
+            let nt = (rows - t0).min(TILE_T);
+            let mut o = p0;
+            while o < p1 {
+                let nr = if p1 - o >= TILE_R { TILE_R } else { 1 };
+                // SAFETY: features and rows are in bounds (asserted above);
+                // enable_avx512's contract gives the CPU features.
+                // The first token block brings the panel in from memory:
+                // interleaved rows defeat the hardware prefetchers, so fetch
+                // the next tile's rows by hand while this one computes.
+                let tile = unsafe { x86::tile_dyn(w, k, o, nr, x, t0, nt, t0 == 0) };
+                for (r, vals) in tile.iter().enumerate().take(nr) {
+                    for (j, &v) in vals.iter().enumerate().take(nt) {
+                        store(t0 + j, o + r, v + b(o + r));
+                    }
+                }
+                o += nr;
+            }
+            t0 += nt;
+        }
+        p0 = p1;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use super::{TILE_R, TILE_T};
+    use core::arch::x86_64::*;
+    use half::{bf16, f16};
+
+    /// Sixteen stored weights widened to f32 in a register.
+    pub trait Widen16: Copy {
+        /// # Safety
+        /// `p` points at 16 readable elements; AVX-512 F/BW/VL are available.
+        unsafe fn load16(p: *const Self) -> __m512;
+        /// The first `count(m)` lanes from `p`, zeros elsewhere (`m` is a low mask).
+        /// # Safety
+        /// The lanes set in `m` are readable; AVX-512 F/BW/VL are available.
+        unsafe fn load16_masked(p: *const Self, m: __mmask16) -> __m512;
+    }
+
+    impl Widen16 for f32 {
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load16_masked(p: *const Self, m: __mmask16) -> __m512 {
+            _mm512_maskz_loadu_ps(m, p)
+        }
+    }
+
+    /// bf16 is the top half of an f32: zero-extend and shift.
+    #[inline(always)]
+    unsafe fn bf16_bits_to_ps(h: __m256i) -> __m512 {
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+    }
+
+    impl Widen16 for bf16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            bf16_bits_to_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn load16_masked(p: *const Self, m: __mmask16) -> __m512 {
+            bf16_bits_to_ps(_mm256_maskz_loadu_epi16(m, p as *const i16))
+        }
+    }
+
+    impl Widen16 for f16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const Self) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn load16_masked(p: *const Self, m: __mmask16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16))
+        }
+    }
+
+    /// `out[r][t] = w[r] . x[t]` over `k` elements.
+    ///
+    /// `prefetch` also asks for the `R` rows after `w[R-1]` (a hint, never a fault).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL are available; each `w[r]` and `x[t]` points at `k`
+    /// readable elements.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn tile<W: Widen16, const R: usize, const T: usize>(
+        w: [*const W; R],
+        x: [*const f32; T],
+        k: usize,
+        prefetch: bool,
+    ) -> [[f32; T]; R] {
+        let mut acc = [[[_mm512_setzero_ps(); 2]; T]; R];
+        let mut i = 0;
+        // The next R rows follow these in memory; each step fetches the
+        // share of them that keeps pace with the share of these it reads.
+        let next = (w[R - 1] as *const i8).wrapping_add(k * core::mem::size_of::<W>());
+        let per_step = 32 * R * core::mem::size_of::<W>();
+        while i + 32 <= k {
+            if prefetch {
+                let p = next.wrapping_add(i / 32 * per_step);
+                let mut b = 0;
+                while b < per_step {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(b));
+                    b += 64;
+                }
+            }
+            let mut wv = [[_mm512_setzero_ps(); 2]; R];
+            for r in 0..R {
+                wv[r] = [W::load16(w[r].add(i)), W::load16(w[r].add(i + 16))];
+            }
+            for t in 0..T {
+                let xv = [_mm512_loadu_ps(x[t].add(i)), _mm512_loadu_ps(x[t].add(i + 16))];
+                for r in 0..R {
+                    for c in 0..2 {
+                        acc[r][t][c] = _mm512_fmadd_ps(wv[r][c], xv[c], acc[r][t][c]);
+                    }
+                }
+            }
+            i += 32;
+        }
+        // At most two blocks left: a full one (even chain), then a masked one.
+        let mut c = 0;
+        while i < k {
+            let m = if k - i >= 16 { 0xffff } else { ((1u32 << (k - i)) - 1) as __mmask16 };
+            let mut wv = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                wv[r] = W::load16_masked(w[r].add(i), m);
+            }
+            for t in 0..T {
+                let xv = _mm512_maskz_loadu_ps(m, x[t].add(i));
+                for r in 0..R {
+                    acc[r][t][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][t][c]);
+                }
+            }
+            i += 16;
+            c = 1;
+        }
+        let mut out = [[0.0f32; T]; R];
+        for r in 0..R {
+            for t in 0..T {
+                out[r][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]));
+            }
+        }
+        out
+    }
+
+    /// `out[i] = w[o + i] . x` for `out.len()` rows of `w` (`[_, k]`); `x`: `[k]`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL are available; rows `o..o+out.len()` of `w` and `k`
+    /// elements of `x` are in bounds.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn gemv<W: Widen16>(w: &[W], k: usize, o: usize, x: &[f32], out: &mut [f32]) {
+        let wp = w.as_ptr().add(o * k);
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = tile::<W, 1, 1>([wp.add(i * k)], [x.as_ptr()], k, false)[0][0];
+        }
+    }
+
+    /// A tile of `nr` (1 or [`TILE_R`]) weight rows from row `o` of `w`
+    /// (`[_, k]`) against `nt` (1..=[`TILE_T`]) rows from row `t0` of `x`
+    /// (`[_, k]`); the first `nr` x `nt` values of the result are set.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL are available; rows `o..o+nr` of `w` and `t0..t0+nt`
+    /// of `x` are in bounds.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_dyn<W: Widen16>(
+        w: &[W],
+        k: usize,
+        o: usize,
+        nr: usize,
+        x: &[f32],
+        t0: usize,
+        nt: usize,
+        prefetch: bool,
+    ) -> [[f32; TILE_T]; TILE_R] {
+        let wp = w.as_ptr().add(o * k);
+        let xp = x.as_ptr().add(t0 * k);
+        let rows = |i: usize| wp.add(i * k);
+        let toks = |j: usize| xp.add(j * k);
+        let mut out = [[0.0f32; TILE_T]; TILE_R];
+        macro_rules! run {
+            ($r:literal, $($t:literal)*) => {
+                match nt {
+                    $($t => {
+                        let v = tile::<W, $r, $t>(
+                            core::array::from_fn(rows),
+                            core::array::from_fn(toks),
+                            k,
+                            prefetch && $r > 1,
+                        );
+                        for (dst, src) in out.iter_mut().zip(v.iter()) {
+                            dst[..$t].copy_from_slice(src);
+                        }
+                    })*
+                    _ => unreachable!("token block of {nt}"),
+                }
+            };
+        }
+        if nr == TILE_R {
+            run!(3, 1 2 3 4);
+        } else {
+            run!(1, 1 2 3 4);
+        }
+        out
+    }
+}

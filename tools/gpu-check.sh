@@ -11,8 +11,9 @@
 #   5. the benchmark table: bf16 synthetic 130m/370m/1.4b/2.8b, decode tok/s
 #      at batch 1/16/64/256, prefill tok/s of a 2048-token prompt, beside the
 #      4.3 TB/s bound from weight bytes read per step.
-# Writes gpu-check.log, gpu-check.json, bench.jsonl, gpu-tests.log and
-# sanitizer.log under $OUT (else /tmp/gpu-check). Exit 0 only if every check passed.
+# Writes gpu-check.log, gpu-check.json, bench.jsonl, gpu-tests.log,
+# sanitizer.log (and gpu-tests-plain.log when the tests fail) under $OUT
+# (else /tmp/gpu-check). Exit 0 only if every check passed.
 # Usage (device tool): bash tools/gpu-prep.sh here, then
 #   run(command="bash tools/gpu-check.sh", carry=[".gpu-bin"], timeout_s=540)
 set -uo pipefail
@@ -117,7 +118,18 @@ if [ -x "$BIN/test-gpu" ]; then
     MAMBA_REQUIRE_GPU=1 timeout -k 5 180 "$BIN/test-gpu" --test-threads 1 --nocapture > "$OUTDIR/gpu-tests.log" 2>&1
     rc=$?
     grep -E "^test |max \|(logit )?diff\||panicked|MAMBA_REQUIRE|test result" "$OUTDIR/gpu-tests.log" | tail -60
-    [ $rc = 0 ] && record gpu-tests ok || record gpu-tests FAILED "exit $rc, see gpu-tests.log"
+    if [ $rc = 0 ]; then
+        record gpu-tests ok
+    else
+        record gpu-tests FAILED "exit $rc, see gpu-tests.log"
+        # Narrow it down in the same call: again with cuBLAS for every product
+        # and the plain scan only (the two paths most likely to differ).
+        MAMBA_REQUIRE_GPU=1 MAMBA_CUDA_GEMV_ROWS=0 MAMBA_CUDA_SCAN_CHUNK=0 timeout -k 5 120 "$BIN/test-gpu" \
+            --test-threads 1 > "$OUTDIR/gpu-tests-plain.log" 2>&1 \
+            && record gpu-tests-without-gemv-and-chunked-scan ok "so the failure is in gemv_* or the chunked scan" \
+            || record gpu-tests-without-gemv-and-chunked-scan FAILED "see gpu-tests-plain.log"
+        grep -E "^test .*FAILED|panicked" "$OUTDIR/gpu-tests-plain.log" | head -10
+    fi
 else
     record gpu-tests FAILED "no test binary"
 fi

@@ -345,6 +345,7 @@ impl<'a> MambaOps for CpuBackend<'a> {
                         |t, d, v| out.write(t * di + d, v),
                     )
                 });
+                kernels::gate_silu(y, seq.xz, di);
             } else {
                 kernels::selective_scan_seq(seq, r.len(), lw.a.data, lw.d.data, state, y);
             }

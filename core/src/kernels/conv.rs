@@ -6,51 +6,68 @@
 
 use super::act::silu;
 use super::simd::multiversion;
+use crate::config::MAX_D_CONV;
 use crate::tensor::WData;
 
-/// One sequence of `len` tokens. `xz`: `[len, xz_stride]` with the conv
-/// input `x` in columns `0..d_inner`; `w`: `[d_inner, K]`; `bias`: `[d_inner]`;
-/// `state`: `[d_inner, K]`, read as the history before the first token and
-/// left holding the last `K` inputs; `out`: `[len, d_inner]`, SiLU applied.
-#[allow(clippy::too_many_arguments)]
-pub fn conv1d_seq(
-    xz: &[f32],
-    xz_stride: usize,
-    len: usize,
-    d_inner: usize,
-    k: usize,
-    w: WData<'_>,
-    bias: Option<WData<'_>>,
-    state: &mut [f32],
-    out: &mut [f32],
-) {
-    let input = |state: &[f32], j: isize, d: usize| -> f32 {
-        if j >= 0 {
-            xz[j as usize * xz_stride + d]
-        } else {
-            state[d * k + (k as isize + j) as usize]
-        }
-    };
-    for t in 0..len {
-        for d in 0..d_inner {
-            let mut acc = bias.map_or(0.0, |b| b.get(d));
-            for tap in 0..k {
-                let j = t as isize + tap as isize - (k as isize - 1);
-                acc += w.get(d * k + tap) * input(state, j, d);
+/// Channels per block of the prefill conv: one vector register of f32.
+const LANES: usize = 16;
+
+multiversion! {
+    /// One sequence of `len` tokens. `xz`: `[len, xz_stride]` with the conv
+    /// input `x` in columns `0..d_inner`; `w`: `[d_inner, K]`; `bias`: `[d_inner]`;
+    /// `state`: `[d_inner, K]`, read as the history before the first token and
+    /// left holding the last `K` inputs; `out`: `[len, d_inner]`, SiLU applied.
+    ///
+    /// Blocks of [`LANES`] channels go through all tokens at once, the taps
+    /// and the window of the last `K` inputs held per block, so the work per
+    /// token is a few vector operations.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv1d_seq(
+        xz: &[f32],
+        xz_stride: usize,
+        len: usize,
+        d_inner: usize,
+        k: usize,
+        w: WData<'_>,
+        bias: Option<WData<'_>>,
+        state: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let mut d0 = 0;
+        while d0 < d_inner {
+            let n = LANES.min(d_inner - d0);
+            // taps[c][j] = w[d0 + j, c]; win[c][j] = the input c places
+            // before the newest, oldest first (starting as the state).
+            let mut taps = [[0.0f32; LANES]; MAX_D_CONV];
+            let mut win = [[0.0f32; LANES]; MAX_D_CONV];
+            let mut b = [0.0f32; LANES];
+            for j in 0..n {
+                for c in 0..k {
+                    taps[c][j] = w.get((d0 + j) * k + c);
+                    win[c][j] = state[(d0 + j) * k + c];
+                }
+                b[j] = bias.map_or(0.0, |v| v.get(d0 + j));
             }
-            out[t * d_inner + d] = silu(acc);
-        }
-    }
-    // New state column c holds input j = len - K + c; old column L + c is
-    // read before column c is written only when L + c > c, which holds for len > 0.
-    if len == 0 {
-        return;
-    }
-    for d in 0..d_inner {
-        for c in 0..k {
-            let j = len as isize - k as isize + c as isize;
-            let v = input(state, j, d);
-            state[d * k + c] = v;
+            for t in 0..len {
+                win.copy_within(1..k, 0);
+                let xr = &xz[t * xz_stride + d0..t * xz_stride + d0 + n];
+                win[k - 1][..n].copy_from_slice(xr);
+                let mut acc = b;
+                for c in 0..k {
+                    for j in 0..LANES {
+                        acc[j] += taps[c][j] * win[c][j];
+                    }
+                }
+                for (o, &v) in out[t * d_inner + d0..t * d_inner + d0 + n].iter_mut().zip(&acc) {
+                    *o = silu(v);
+                }
+            }
+            for j in 0..n {
+                for c in 0..k {
+                    state[(d0 + j) * k + c] = win[c][j];
+                }
+            }
+            d0 += n;
         }
     }
 }

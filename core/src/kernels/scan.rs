@@ -46,12 +46,27 @@ pub fn selective_scan_seq(
 ) {
     let di = rows.d_inner;
     selective_scan_channels(rows, len, a, d_skip, 0, state, |t, d, v| y[t * di + d] = v);
+    gate_silu(&mut y[..len * di], rows.xz, di);
+}
+
+multiversion! {
+    /// `y[t, d] *= silu(z[t, d])` with `z` the second half of each `xz` row
+    /// (`y`: `[rows, d_inner]`, `xz`: `[rows, 2*d_inner]`): the gate as its own
+    /// pass over whole rows, which vectorises.
+    pub fn gate_silu(y: &mut [f32], xz: &[f32], d_inner: usize) {
+        for (yr, xzr) in y.chunks_exact_mut(d_inner).zip(xz.chunks_exact(2 * d_inner)) {
+            for (v, &z) in yr.iter_mut().zip(&xzr[d_inner..]) {
+                *v *= silu(z);
+            }
+        }
+    }
 }
 
 multiversion! {
     /// The scan of channels `d0 .. d0 + state.len() / d_state` only (their
     /// states are a contiguous part of the layer's state), handing each output
-    /// `y[t, d]` to `write(t, d, value)`: threads can take disjoint channel ranges.
+    /// `y[t, d]`, before the gate ([`gate_silu`]), to `write(t, d, value)`:
+    /// threads can take disjoint channel ranges.
     pub fn selective_scan_channels(
         rows: ScanRows<'_>,
         len: usize,
@@ -62,7 +77,7 @@ multiversion! {
         write: impl FnMut(usize, usize, f32),
     ) {
         let mut write = write;
-        let ScanRows { x, dt, dbc, xz, d_inner, d_state: n_s, dt_rank } = rows;
+        let ScanRows { x, dt, dbc, d_inner, d_state: n_s, dt_rank, .. } = rows;
         let xp = dt_rank + 2 * n_s;
         let mut a_buf = [0.0f32; MAX_D_STATE];
         for (k, h) in state.chunks_exact_mut(n_s).enumerate() {
@@ -75,8 +90,7 @@ multiversion! {
                 let b = &dbc[t * xp + dt_rank..t * xp + dt_rank + n_s];
                 let c = &dbc[t * xp + dt_rank + n_s..t * xp + xp];
                 let acc = update(h, a_row, dtv, dtv * xv, b, c);
-                let z = xz[t * 2 * d_inner + d_inner + d];
-                write(t, d, (acc + dd * xv) * silu(z));
+                write(t, d, acc + dd * xv);
             }
         }
     }

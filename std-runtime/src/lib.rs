@@ -18,9 +18,12 @@ pub mod generate;
 pub mod hub;
 pub mod model;
 pub mod parallel;
+// The thread pool hands borrowed task functions to its workers.
 pub mod sampling;
 pub mod server;
 pub mod session;
+#[allow(unsafe_code)]
+pub mod spin_pool;
 pub mod synthetic;
 pub mod tokenizer;
 pub mod torch_bin;

@@ -1,6 +1,8 @@
 //! The core's [`Parallel`] hook on a rayon thread pool.
 
 use mamba_core::Parallel;
+
+pub use crate::spin_pool::SpinPool;
 use rayon::prelude::*;
 
 /// Splits chunked work over a rayon pool of a chosen size.
@@ -63,5 +65,50 @@ impl Parallel for RayonParallel {
             return;
         }
         self.pool.install(|| (0..n).into_par_iter().for_each(f));
+    }
+}
+
+/// The pool the runtime runs on: the [`SpinPool`] unless `MAMBA_POOL=rayon`
+/// asks for rayon's (to compare them).
+pub enum CpuPool {
+    Spin(SpinPool),
+    Rayon(RayonParallel),
+}
+
+impl CpuPool {
+    /// `threads` workers in all (0 = one per physical core).
+    pub fn new(threads: usize) -> std::io::Result<Self> {
+        let n = if threads == 0 { default_threads() } else { threads };
+        if std::env::var("MAMBA_POOL").is_ok_and(|v| v.eq_ignore_ascii_case("rayon")) {
+            return RayonParallel::new(n).map(CpuPool::Rayon).map_err(std::io::Error::other);
+        }
+        SpinPool::new(n).map(CpuPool::Spin)
+    }
+
+    /// `spin` or `rayon`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CpuPool::Spin(_) => "spin",
+            CpuPool::Rayon(_) => "rayon",
+        }
+    }
+
+    fn inner(&self) -> &dyn Parallel {
+        match self {
+            CpuPool::Spin(p) => p,
+            CpuPool::Rayon(p) => p,
+        }
+    }
+}
+
+impl Parallel for CpuPool {
+    fn threads(&self) -> usize {
+        self.inner().threads()
+    }
+    fn for_each_chunk(&self, data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+        self.inner().for_each_chunk(data, chunk, f)
+    }
+    fn for_each_task(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.inner().for_each_task(n, f)
     }
 }

@@ -197,14 +197,18 @@ fn last_n_logits_are_the_last_rows_of_every_sequence() {
 
 #[test]
 fn threaded_prefill_and_step_equal_sequential_bit_for_bit() {
-    let par = mamba_runtime::parallel::RayonParallel::new(2).unwrap();
-    for case in ["hf_f32_tied", "hf_bf16_untied_sharded"] {
+    let rayon = mamba_runtime::parallel::RayonParallel::new(2).unwrap();
+    let spin = mamba_runtime::parallel::SpinPool::new(3).unwrap();
+    let pools: [&dyn mamba_core::Parallel; 2] = [&rayon, &spin];
+    for (case, par) in
+        ["hf_f32_tied", "hf_bf16_untied_sharded"].into_iter().flat_map(|c| pools.map(|p| (c, p)))
+    {
         let t = Truth::load(case);
         let m = load(&t);
         let seqs: Vec<&[u32]> = t.prompts.iter().map(|p| p.ids.as_slice()).collect();
         let slots: Vec<usize> = (0..seqs.len()).collect();
         let mut one = Session::new(&m, &Sequential, seqs.len()).unwrap();
-        let mut two = Session::new(&m, &par, seqs.len()).unwrap();
+        let mut two = Session::new(&m, par, seqs.len()).unwrap();
         let a = one.prefill(&seqs, &slots, LogitsMode::All).unwrap();
         let b = two.prefill(&seqs, &slots, LogitsMode::All).unwrap();
         assert_eq!(a, b, "{case}: prefill logits");

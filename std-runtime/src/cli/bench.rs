@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use mamba_core::DType;
+use mamba_core::{DType, Parallel};
 use mamba_runtime::bench::{run, BenchConfig, BenchReport};
 use mamba_runtime::device::{bench_cuda, Device};
 use mamba_runtime::model::LoadedModel;
@@ -96,7 +96,7 @@ pub fn run_cmd(a: BenchArgs) -> Result<()> {
     let par = a.model.parallel()?;
     let simd = mamba_runtime::cpu::init_simd();
     if !a.json {
-        eprintln!("kernels: {simd}");
+        eprintln!("kernels: {simd}; threads: {} ({} pool)", par.threads(), par.name());
         println!("{}", BenchReport::table_header());
     }
     for &batch in &batches {

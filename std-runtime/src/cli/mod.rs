@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mamba_runtime::device::Device;
 use mamba_runtime::model::LoadedModel;
-use mamba_runtime::parallel::RayonParallel;
+use mamba_runtime::parallel::CpuPool;
 
 /// Run Mamba selective state-space language models.
 #[derive(Parser, Debug)]
@@ -136,8 +136,8 @@ impl ModelArgs {
         LoadedModel::load(&spec).with_context(|| format!("loading model `{spec}`"))
     }
 
-    pub fn parallel(&self) -> Result<RayonParallel> {
-        RayonParallel::new(self.threads).context("starting the thread pool")
+    pub fn parallel(&self) -> Result<CpuPool> {
+        CpuPool::new(self.threads).context("starting the thread pool")
     }
 }
 

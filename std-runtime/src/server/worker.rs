@@ -19,7 +19,7 @@ use super::error::{ApiError, ServerError};
 use super::{ModelInfo, Shared};
 use crate::engine::{AddOptions, Engine, EngineConfig, Event, RequestParams};
 use crate::model::LoadedModel;
-use crate::parallel::RayonParallel;
+use crate::parallel::CpuPool;
 use crate::tokenizer::Tokenizer;
 
 /// Loads the model on the engine thread.
@@ -109,7 +109,7 @@ fn load_and_serve(
 ) -> Result<(), String> {
     let t0 = Instant::now();
     let model = loader()?;
-    let par = RayonParallel::new(shared.cfg.threads).map_err(|e| format!("starting the thread pool: {e}"))?;
+    let par = CpuPool::new(shared.cfg.threads).map_err(|e| format!("starting the thread pool: {e}"))?;
     let tok = Tokenizer::from_dir(&model.dir).map_err(|e| e.to_string())?.map(Arc::new);
     let per = model.cfg.footprint().state_bytes_per_seq();
     let slots = shared.cfg.slots_for(per)?;

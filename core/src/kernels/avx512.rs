@@ -59,9 +59,9 @@ pub fn dot(w: WData<'_>, x: &[f32]) -> Option<f32> {
         // hold at least `k` elements.
         let r = unsafe {
             match w {
-                WData::F32(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k, false),
-                WData::F16(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k, false),
-                WData::BF16(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k, false),
+                WData::F32(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k),
+                WData::F16(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k),
+                WData::BF16(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k),
             }
         };
         return Some(r[0][0]);
@@ -101,22 +101,32 @@ fn blocked<W: x86::Widen16>(
         }
         return;
     }
-    let panel = (PANEL_BYTES / (k * core::mem::size_of::<W>()).max(1)).max(TILE_R) / TILE_R * TILE_R;
+    let esize = core::mem::size_of::<W>();
+    let panel = (PANEL_BYTES / (k * esize).max(1)).max(TILE_R) / TILE_R * TILE_R;
     let mut p0 = f0;
     while p0 < f1 {
         let p1 = (p0 + panel).min(f1);
+        // While this panel computes, the next one is fetched from memory in
+        // even shares per tile, in address order (interleaved tile rows
+        // alone defeat the hardware prefetchers: measured at half the rate).
+        let next = (p1 * k * esize, (p1 + panel).min(f1) * k * esize);
+        let tiles = rows.div_ceil(TILE_T) * (p1 - p0).div_ceil(TILE_R);
+        let share = (next.1 - next.0).div_ceil(tiles.max(1)).next_multiple_of(64);
+        let mut fetched = next.0;
         let mut t0 = 0;
         while t0 < rows {
             let nt = (rows - t0).min(TILE_T);
             let mut o = p0;
             while o < p1 {
                 let nr = if p1 - o >= TILE_R { TILE_R } else { 1 };
+                if fetched < next.1 {
+                    let len = share.min(next.1 - fetched);
+                    x86::prefetch(w.as_ptr() as *const u8, fetched, len);
+                    fetched += len;
+                }
                 // SAFETY: features and rows are in bounds (asserted above);
                 // enable_avx512's contract gives the CPU features.
-                // The first token block brings the panel in from memory:
-                // interleaved rows defeat the hardware prefetchers, so fetch
-                // the next tile's rows by hand while this one computes.
-                let tile = unsafe { x86::tile_dyn(w, k, o, nr, x, t0, nt, t0 == 0) };
+                let tile = unsafe { x86::tile_dyn(w, k, o, nr, x, t0, nt) };
                 for (r, vals) in tile.iter().enumerate().take(nr) {
                     for (j, &v) in vals.iter().enumerate().take(nt) {
                         store(t0 + j, o + r, v + b(o + r));
@@ -135,6 +145,19 @@ pub(crate) mod x86 {
     use super::{TILE_R, TILE_T};
     use core::arch::x86_64::*;
     use half::{bf16, f16};
+
+    /// Ask for bytes `start..start + len` of `base` in L2: a hint that never
+    /// faults, so the range need not be in bounds (addresses are wrapped, not
+    /// dereferenced).
+    #[inline]
+    pub fn prefetch(base: *const u8, start: usize, len: usize) {
+        let mut off = 0;
+        while off < len {
+            // SAFETY: a prefetch has no effect on memory and never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(start + off) as *const i8) };
+            off += 64;
+        }
+    }
 
     /// Sixteen stored weights widened to f32 in a register.
     pub trait Widen16: Copy {
@@ -188,8 +211,6 @@ pub(crate) mod x86 {
 
     /// `out[r][t] = w[r] . x[t]` over `k` elements.
     ///
-    /// `prefetch` also asks for the `R` rows after `w[R-1]` (a hint, never a fault).
-    ///
     /// # Safety
     /// AVX-512 F/BW/VL are available; each `w[r]` and `x[t]` points at `k`
     /// readable elements.
@@ -198,23 +219,10 @@ pub(crate) mod x86 {
         w: [*const W; R],
         x: [*const f32; T],
         k: usize,
-        prefetch: bool,
     ) -> [[f32; T]; R] {
         let mut acc = [[[_mm512_setzero_ps(); 2]; T]; R];
         let mut i = 0;
-        // The next R rows follow these in memory; each step fetches the
-        // share of them that keeps pace with the share of these it reads.
-        let next = (w[R - 1] as *const i8).wrapping_add(k * core::mem::size_of::<W>());
-        let per_step = 32 * R * core::mem::size_of::<W>();
         while i + 32 <= k {
-            if prefetch {
-                let p = next.wrapping_add(i / 32 * per_step);
-                let mut b = 0;
-                while b < per_step {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(b));
-                    b += 64;
-                }
-            }
             let mut wv = [[_mm512_setzero_ps(); 2]; R];
             for r in 0..R {
                 wv[r] = [W::load16(w[r].add(i)), W::load16(w[r].add(i + 16))];
@@ -264,7 +272,7 @@ pub(crate) mod x86 {
     pub unsafe fn gemv<W: Widen16>(w: &[W], k: usize, o: usize, x: &[f32], out: &mut [f32]) {
         let wp = w.as_ptr().add(o * k);
         for (i, v) in out.iter_mut().enumerate() {
-            *v = tile::<W, 1, 1>([wp.add(i * k)], [x.as_ptr()], k, false)[0][0];
+            *v = tile::<W, 1, 1>([wp.add(i * k)], [x.as_ptr()], k)[0][0];
         }
     }
 
@@ -285,7 +293,6 @@ pub(crate) mod x86 {
         x: &[f32],
         t0: usize,
         nt: usize,
-        prefetch: bool,
     ) -> [[f32; TILE_T]; TILE_R] {
         let wp = w.as_ptr().add(o * k);
         let xp = x.as_ptr().add(t0 * k);
@@ -300,7 +307,6 @@ pub(crate) mod x86 {
                             core::array::from_fn(rows),
                             core::array::from_fn(toks),
                             k,
-                            prefetch && $r > 1,
                         );
                         for (dst, src) in out.iter_mut().zip(v.iter()) {
                             dst[..$t].copy_from_slice(src);

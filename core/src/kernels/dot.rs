@@ -48,6 +48,24 @@ pub fn dot4(w: WData<'_>, x: [&[f32]; 4]) -> [f32; 4] {
     x.map(|r| dot_portable(w, r))
 }
 
+/// Lanes of the partial sums that the element-wise kernels keep (one AVX-512
+/// register of f32; the compiler splits it for narrower vectors).
+pub(crate) const LANES: usize = 16;
+
+/// The sum of [`LANES`] partial sums, added in one fixed tree, so every
+/// instruction set gives the same bits.
+#[inline(always)]
+pub(crate) fn lane_sum(mut acc: [f32; LANES]) -> f32 {
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for j in 0..w {
+            acc[j] += acc[j + w];
+        }
+    }
+    acc[0]
+}
+
 /// The portable reference.
 #[inline]
 pub fn dot_portable(w: WData<'_>, x: &[f32]) -> f32 {

@@ -1,10 +1,8 @@
 //! RMSNorm with f32 accumulation.
 
+use super::dot::{lane_sum, LANES};
 use super::simd::multiversion;
 use crate::tensor::WData;
-
-/// Lane-wise partial sums of the squares, added in a fixed tree.
-const LANES: usize = 16;
 
 multiversion! {
     /// For each row of `x` (`[rows, w.len()]`): `out = x / sqrt(mean(x^2) + eps) * w`.
@@ -33,14 +31,7 @@ fn sum_squares(x: &[f32]) -> f32 {
     for (j, v) in blocks.remainder().iter().enumerate() {
         acc[j] += v * v;
     }
-    let mut w = LANES;
-    while w > 1 {
-        w /= 2;
-        for j in 0..w {
-            acc[j] += acc[j + w];
-        }
-    }
-    acc[0]
+    lane_sum(acc)
 }
 
 #[inline(always)]

@@ -6,6 +6,7 @@
 //! Nothing of size `[tokens, d_inner, d_state]` is materialised.
 
 use super::act::{exp_fast, silu};
+use super::dot::{lane_sum, LANES};
 use super::simd::multiversion;
 use crate::config::MAX_D_STATE;
 use crate::tensor::WData;
@@ -110,11 +111,9 @@ fn a_row<'b>(a: WData<'b>, d: usize, n_s: usize, buf: &'b mut [f32; MAX_D_STATE]
     }
 }
 
-/// Lanes of [`update`]: `d_state` 16 (every published Mamba) is one pass.
-const LANES: usize = 16;
-
 /// One channel, one token: `h = exp(dt A) h + dt x B`, returns `h . C`.
-/// Element-wise in blocks of [`LANES`] that vectorise, with `h . C` kept in
+/// Element-wise in blocks of [`LANES`] that vectorise (`d_state` 16, every
+/// published Mamba, is one block), with `h . C` kept in
 /// lane-wise partial sums added in a fixed tree at the end (a sequential
 /// sum would cost a dependent add per state).
 #[inline(always)]
@@ -140,14 +139,7 @@ fn update(h: &mut [f32], a: &[f32], dt: f32, dtx: f32, b: &[f32], c: &[f32]) -> 
         h[j] = hv;
         acc[j - full] += hv * c[j];
     }
-    let mut w = LANES;
-    while w > 1 {
-        w /= 2;
-        for j in 0..w {
-            acc[j] += acc[j + w];
-        }
-    }
-    acc[0]
+    lane_sum(acc)
 }
 
 multiversion! {

@@ -96,6 +96,84 @@ impl ScratchPlan {
     }
 }
 
+/// Which logits a prefill returns for each sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// Only the last position's row.
+    Last,
+    /// One row per position.
+    All,
+    /// The rows of the last `n` positions (fewer when the sequence is shorter).
+    LastN(usize),
+}
+
+impl LogitsMode {
+    /// The first position whose row is kept, of a sequence of `len >= 1` positions.
+    pub fn first_kept(self, len: usize) -> usize {
+        match self {
+            LogitsMode::Last => len - 1,
+            LogitsMode::All => 0,
+            LogitsMode::LastN(n) => len.saturating_sub(n),
+        }
+    }
+}
+
+/// One sequence's piece of a prefill chunk (see [`next_chunk`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkPiece {
+    /// Index of the sequence.
+    pub seq: usize,
+    /// Its positions `start..start + len` ...
+    pub start: usize,
+    pub len: usize,
+    /// ... sit at chunk rows `row0..row0 + len`.
+    pub row0: usize,
+    /// The first of those positions whose logits are kept.
+    pub keep_from: usize,
+}
+
+impl ChunkPiece {
+    /// The positions of the piece, in the sequence.
+    pub fn positions(&self) -> core::ops::Range<usize> {
+        self.start..self.start + self.len
+    }
+    /// The chunk rows whose logits the piece keeps.
+    pub fn logit_rows(&self) -> core::ops::Range<usize> {
+        self.row0 + (self.keep_from - self.start)..self.row0 + self.len
+    }
+}
+
+/// Plan the next chunk of a prefill of `seqs` cut into chunks of at most
+/// `chunk` tokens: a piece of every unfinished sequence, in order, until the
+/// chunk is full. `done[i]` (positions of sequence `i` already run) is
+/// advanced; `piece` gets each piece in row order. Returns the chunk's token
+/// count, 0 when every sequence is done.
+pub fn next_chunk(
+    seqs: &[&[u32]],
+    done: &mut [usize],
+    chunk: usize,
+    mode: LogitsMode,
+    mut piece: impl FnMut(ChunkPiece),
+) -> usize {
+    let chunk = chunk.max(1);
+    let mut rows = 0;
+    for (i, s) in seqs.iter().enumerate() {
+        if rows == chunk {
+            break;
+        }
+        let len = (s.len() - done[i]).min(chunk - rows);
+        if len == 0 {
+            continue;
+        }
+        let start = done[i];
+        let keep_from = mode.first_kept(s.len()).clamp(start, start + len);
+        piece(ChunkPiece { seq: i, start, len, row0: rows, keep_from });
+        done[i] += len;
+        rows += len;
+    }
+    rows
+}
+
 fn check_model<W>(model: &Model<'_, W>) -> Result<(), CoreError> {
     model.cfg.validate()?;
     if model.layers.len() != model.cfg.n_layer {
@@ -189,4 +267,38 @@ fn head<O: MambaOps>(
 ) -> Result<(), O::Error> {
     ops.rms_norm(s.head_in, rows, &model.norm_f, model.cfg.eps, s.normed)?;
     ops.linear(s.normed, rows, model.head(), None, s.logits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_take_every_sequence_in_order_and_keep_the_asked_rows() {
+        let (a, b, c) = ([1u32; 5], [2u32; 1], [3u32; 4]);
+        let seqs: [&[u32]; 3] = [&a, &b, &c];
+        let mut done = [0usize; 3];
+        let mut got = [[None; 3]; 4];
+        let mut counts = [0usize; 4];
+        for (k, count) in counts.iter_mut().enumerate() {
+            let mut n = 0;
+            *count = next_chunk(&seqs, &mut done, 4, LogitsMode::LastN(2), |p| {
+                got[k][n] = Some(p);
+                n += 1;
+            });
+        }
+        assert_eq!(counts, [4, 4, 2, 0]);
+        assert_eq!(done, [5, 1, 4]);
+        let p = |seq, start, len, row0, keep_from| Some(ChunkPiece { seq, start, len, row0, keep_from });
+        // Chunk 1: a[0..4]; its last two positions (3, 4) start in it.
+        assert_eq!(got[0], [p(0, 0, 4, 0, 3), None, None]);
+        assert_eq!(got[0][0].unwrap().logit_rows(), 3..4);
+        // Chunk 2: a[4], b[0], c[0..2]; c keeps 2..4, none of them here.
+        assert_eq!(got[1], [p(0, 4, 1, 0, 4), p(1, 0, 1, 1, 0), p(2, 0, 2, 2, 2)]);
+        assert_eq!(got[1][2].unwrap().logit_rows(), 4..4);
+        assert_eq!(got[2], [p(2, 2, 2, 0, 2), None, None]);
+        assert_eq!(got[2][0].unwrap().logit_rows(), 0..2);
+        assert_eq!(LogitsMode::Last.first_kept(5), 4);
+        assert_eq!(LogitsMode::All.first_kept(5), 0);
+    }
 }

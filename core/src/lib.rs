@@ -28,7 +28,7 @@ pub mod tensor;
 
 pub use config::{Footprint, MambaConfig, StateLayout, MAX_D_CONV, MAX_D_STATE};
 pub use cpu::{CpuBackend, Parallel, Sequential};
-pub use driver::{prefill, step, Ragged, Scratch, ScratchPlan};
+pub use driver::{next_chunk, prefill, step, ChunkPiece, LogitsMode, Ragged, Scratch, ScratchPlan};
 pub use error::CoreError;
 pub use model::{LayerWeights, Model};
 pub use ops::{Layer, MambaOps};

@@ -4,33 +4,17 @@
 //! the other.
 
 use cudarc::driver::DevicePtr;
-use mamba_core::{driver, CoreError, MambaConfig, Model, Ragged, Scratch, ScratchPlan, StateLayout, Tensor};
+use mamba_core::{
+    driver, next_chunk, CoreError, MambaConfig, Model, Ragged, Scratch, ScratchPlan, StateLayout, Tensor,
+};
+
+/// Which logits a prefill returns for each sequence (the core's, as on the CPU).
+pub use mamba_core::LogitsMode;
 
 use crate::buf::DeviceBuf;
 use crate::device::{CudaBackend, Temp};
 use crate::error::{CudaError, Result};
 use crate::model::DeviceModel;
-
-/// Which logits a prefill returns for each sequence (as the CPU runtime's `LogitsMode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogitsMode {
-    /// Only the last position's row.
-    Last,
-    /// One row per position.
-    All,
-    /// The rows of the last `n` positions (fewer when the sequence is shorter).
-    LastN(usize),
-}
-
-impl LogitsMode {
-    fn first_kept(self, len: usize) -> usize {
-        match self {
-            LogitsMode::Last => len - 1,
-            LogitsMode::All => 0,
-            LogitsMode::LastN(n) => len.saturating_sub(n),
-        }
-    }
-}
 
 /// Sampling settings of one row for [`CudaSession::step_sample`]: the CPU
 /// sampler's temperature, top-k, top-p and min-p (no penalties; see
@@ -305,37 +289,26 @@ impl CudaSession {
         let mut out: Vec<Vec<f32>> =
             seqs.iter().map(|s| Vec::with_capacity(vocab * (s.len() - mode.first_kept(s.len())))).collect();
         let mut done = vec![0usize; seqs.len()];
-        let chunk = self.chunk_tokens.max(1);
         loop {
             // One chunk: a piece of every unfinished sequence, in order.
-            let (mut tokens, mut offsets, mut chunk_slots, mut members) = (vec![], vec![0], vec![], vec![]);
-            let mut logit_rows = vec![];
-            for (i, s) in seqs.iter().enumerate() {
-                let room = chunk - tokens.len();
-                if room == 0 {
-                    break;
-                }
-                let take = (s.len() - done[i]).min(room);
-                if take == 0 {
-                    continue;
-                }
-                let row0 = tokens.len();
-                tokens.extend_from_slice(&s[done[i]..done[i] + take]);
-                done[i] += take;
-                let keep_from = mode.first_kept(s.len()).max(done[i] - take);
-                logit_rows.extend((keep_from..done[i]).map(|p| row0 + p - (done[i] - take)));
+            let (mut tokens, mut offsets, mut chunk_slots) = (vec![], vec![0], vec![]);
+            let (mut pieces, mut logit_rows) = (vec![], vec![]);
+            next_chunk(seqs, &mut done, self.chunk_tokens, mode, |p| {
+                tokens.extend_from_slice(&seqs[p.seq][p.positions()]);
+                logit_rows.extend(p.logit_rows());
                 offsets.push(tokens.len());
-                chunk_slots.push(slots[i]);
-                members.push((i, row0, take));
-            }
+                chunk_slots.push(slots[p.seq]);
+                pieces.push(p);
+            });
             if tokens.is_empty() {
                 break;
             }
             let logits = self.forward(&tokens, &offsets, &chunk_slots, &logit_rows)?;
+            // Hand each logits row to its sequence.
             let mut next = 0;
-            for &(i, row0, take) in &members {
-                let mine = logit_rows[next..].iter().take_while(|&&r| r < row0 + take).count();
-                out[i].extend_from_slice(&logits[next * vocab..(next + mine) * vocab]);
+            for p in &pieces {
+                let mine = p.logit_rows().len();
+                out[p.seq].extend_from_slice(&logits[next * vocab..(next + mine) * vocab]);
                 next += mine;
             }
         }

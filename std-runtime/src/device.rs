@@ -145,14 +145,7 @@ impl<'m> AnySession<'m> {
     pub fn prefill(&mut self, seqs: &[&[u32]], slots: &[usize], mode: LogitsMode) -> Result<Vec<Vec<f32>>> {
         match self {
             AnySession::Cpu(s) => s.prefill(seqs, slots, mode),
-            AnySession::Cuda(c) => {
-                let mode = match mode {
-                    LogitsMode::Last => mamba_cuda::LogitsMode::Last,
-                    LogitsMode::All => mamba_cuda::LogitsMode::All,
-                    LogitsMode::LastN(n) => mamba_cuda::LogitsMode::LastN(n),
-                };
-                c.session.prefill(seqs, slots, mode).map_err(cuda_err)
-            }
+            AnySession::Cuda(c) => c.session.prefill(seqs, slots, mode).map_err(cuda_err),
         }
     }
 

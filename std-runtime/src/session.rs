@@ -6,32 +6,14 @@
 //! sequence length). A prefill longer than `chunk_tokens` runs in pieces
 //! that carry the state, so prompts of any length fit a fixed scratch.
 
-use mamba_core::{driver, CpuBackend, MambaConfig, Parallel, Ragged, Scratch, ScratchPlan, StateLayout};
+use mamba_core::{
+    driver, next_chunk, CpuBackend, MambaConfig, Parallel, Ragged, Scratch, ScratchPlan, StateLayout,
+};
+
+pub use mamba_core::LogitsMode;
 
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, ModelView};
-
-/// Which logits a prefill returns for each sequence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogitsMode {
-    /// Only the last position's row.
-    Last,
-    /// One row per position.
-    All,
-    /// The rows of the last `n` positions (fewer when the sequence is shorter).
-    LastN(usize),
-}
-
-impl LogitsMode {
-    /// Rows kept of a sequence of `len` positions: the first kept position.
-    fn first_kept(self, len: usize) -> usize {
-        match self {
-            LogitsMode::Last => len - 1,
-            LogitsMode::All => 0,
-            LogitsMode::LastN(n) => len.saturating_sub(n),
-        }
-    }
-}
 
 /// Default prefill chunk (tokens of all sequences together).
 pub const DEFAULT_CHUNK_TOKENS: usize = 512;
@@ -181,30 +163,17 @@ impl<'m> Session<'m> {
         let mut out: Vec<Vec<f32>> =
             seqs.iter().map(|s| Vec::with_capacity(vocab * (s.len() - mode.first_kept(s.len())))).collect();
         let mut done = vec![0usize; seqs.len()];
-        let chunk = self.chunk_tokens.max(1);
         loop {
-            // Gather one chunk: a piece of every unfinished sequence, in order.
-            let (mut tokens, mut offsets, mut chunk_slots, mut members) = (vec![], vec![0], vec![], vec![]);
-            let mut logit_rows = vec![];
-            for (i, s) in seqs.iter().enumerate() {
-                let room = chunk - tokens.len();
-                if room == 0 {
-                    break;
-                }
-                let take = (s.len() - done[i]).min(room);
-                if take == 0 {
-                    continue;
-                }
-                let row0 = tokens.len();
-                tokens.extend_from_slice(&s[done[i]..done[i] + take]);
-                done[i] += take;
-                // Positions done-take..done of this sequence sit at rows row0..row0+take.
-                let keep_from = mode.first_kept(s.len()).max(done[i] - take);
-                logit_rows.extend((keep_from..done[i]).map(|p| row0 + p - (done[i] - take)));
+            // One chunk: a piece of every unfinished sequence, in order.
+            let (mut tokens, mut offsets, mut chunk_slots) = (vec![], vec![0], vec![]);
+            let (mut pieces, mut logit_rows) = (vec![], vec![]);
+            next_chunk(seqs, &mut done, self.chunk_tokens, mode, |p| {
+                tokens.extend_from_slice(&seqs[p.seq][p.positions()]);
+                logit_rows.extend(p.logit_rows());
                 offsets.push(tokens.len());
-                chunk_slots.push(slots[i]);
-                members.push((i, row0, take));
-            }
+                chunk_slots.push(slots[p.seq]);
+                pieces.push(p);
+            });
             if tokens.is_empty() {
                 break;
             }
@@ -212,9 +181,9 @@ impl<'m> Session<'m> {
             let logits = self.run_prefill(&tokens, batch, &logit_rows)?;
             // Hand each logits row to its sequence.
             let mut next = 0;
-            for &(i, row0, take) in &members {
-                let mine = logit_rows[next..].iter().take_while(|&&r| r < row0 + take).count();
-                out[i].extend_from_slice(&logits[next * vocab..(next + mine) * vocab]);
+            for p in &pieces {
+                let mine = p.logit_rows().len();
+                out[p.seq].extend_from_slice(&logits[next * vocab..(next + mine) * vocab]);
                 next += mine;
             }
         }

@@ -60,6 +60,23 @@ impl<'a> CpuBackend<'a> {
     pub fn new(par: &'a dyn Parallel) -> Self {
         CpuBackend { par }
     }
+
+    /// `f(i, channels)` for each of `b` sequences and ranges of its `d_inner`
+    /// channels, over the threads: every thread gets a couple of tasks
+    /// without cutting channels thinner than 64.
+    fn per_seq_channels(&self, b: usize, d_inner: usize, f: &(dyn Fn(usize, Range<usize>) + Sync)) {
+        let threads = self.par.threads();
+        let chunks = if threads <= 1 {
+            1
+        } else {
+            (threads * 2).div_ceil(b.max(1)).clamp(1, d_inner.div_ceil(64).max(1))
+        };
+        let per = d_inner.div_ceil(chunks);
+        self.par.for_each_task(b * chunks, &|task| {
+            let (i, d0) = (task / chunks, (task % chunks) * per);
+            f(i, d0..(d0 + per).min(d_inner))
+        });
+    }
 }
 
 fn need<'b>(what: &'static str, buf: &'b [f32], n: usize) -> Result<&'b [f32], CoreError> {
@@ -131,15 +148,6 @@ impl<'b> Disjoint<'b> {
             core::slice::from_raw_parts_mut(self.ptr.add(r.start), r.len())
         }
     }
-}
-
-/// Channel chunks per sequence for `b` sequences of `d_inner` channels, so
-/// every thread gets a couple of tasks without cutting channels too thin.
-fn channel_chunks(b: usize, d_inner: usize, threads: usize) -> usize {
-    if threads <= 1 {
-        return 1;
-    }
-    (threads * 2).div_ceil(b.max(1)).clamp(1, d_inner.div_ceil(64).max(1))
 }
 
 /// Rows per parallel task so every thread gets a couple of tasks.
@@ -275,12 +283,8 @@ impl<'a> MambaOps for CpuBackend<'a> {
         let xz = need("xz", xz, slots.len() * 2 * di)?;
         let out = need_mut("conv out", out, slots.len() * di)?;
         let layout = cfg.state_layout();
-        let chunks = channel_chunks(slots.len(), di, self.par.threads());
-        let per = di.div_ceil(chunks);
         let (st, out) = (Disjoint::new(states), Disjoint::new(out));
-        self.par.for_each_task(slots.len() * chunks, &|task| {
-            let (i, d0) = (task / chunks, (task % chunks) * per);
-            let d1 = (d0 + per).min(di);
+        self.per_seq_channels(slots.len(), di, &|i, Range { start: d0, end: d1 }| {
             let off = layout.conv_offset(slots[i], layer.index);
             // Distinct slots (checked) and disjoint channel ranges: no two
             // tasks share a state or an output value.
@@ -369,12 +373,8 @@ impl<'a> MambaOps for CpuBackend<'a> {
         let y = need_mut("scan y", y, b * di)?;
         let layout = cfg.state_layout();
         let n_s = cfg.d_state;
-        let chunks = channel_chunks(b, di, self.par.threads());
-        let per = di.div_ceil(chunks);
         let (st, y) = (Disjoint::new(states), Disjoint::new(y));
-        self.par.for_each_task(b * chunks, &|task| {
-            let (i, d0) = (task / chunks, (task % chunks) * per);
-            let d1 = (d0 + per).min(di);
+        self.per_seq_channels(b, di, &|i, Range { start: d0, end: d1 }| {
             let off = layout.ssm_offset(slots[i], layer.index);
             let seq = kernels::ScanRows {
                 x: &x[i * di..(i + 1) * di],

@@ -27,7 +27,7 @@ fn bench_kernels(c: &mut Criterion) {
     let s = shape("mamba-130m").expect("known shape");
     let (dm, di, n, k, r) = (s.d_model, s.d_inner(), 16, 4, s.dt_rank());
     let xp = r + 2 * n;
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
+    for dtype in [DType::F32, DType::BF16, DType::F16, DType::Q8_0] {
         let model = synthetic_model(s, dtype, 0).expect("synthetic model");
         let view = model.view().expect("view");
         let m = view.model();

@@ -14,6 +14,12 @@ pub enum CoreError {
     BadShape { what: &'static str, expected: (usize, usize), got: (usize, usize) },
     /// Byte length or alignment of a weight does not fit its dtype.
     BadWeightBytes { what: &'static str, len: usize, elem: usize },
+    /// A Q8_0 weight whose rows are not whole blocks, or whose scales do
+    /// not number one per block.
+    BadQ8 { what: &'static str, cols: usize, scales: usize },
+    /// A weight stored in a dtype its kernel does not read (Q8_0 is for
+    /// the matrices of linear layers and the embedding only).
+    BadDType { what: &'static str, dtype: &'static str },
     /// The ragged batch description is inconsistent.
     BadBatch(&'static str),
     /// A state slot index is past the end of the state pool.
@@ -40,6 +46,14 @@ impl fmt::Display for CoreError {
                 f,
                 "weight `{what}`: {len} bytes are not a whole, aligned number of {elem}-byte elements"
             ),
+            CoreError::BadQ8 { what, cols, scales } => write!(
+                f,
+                "weight `{what}`: Q8_0 needs rows of whole 32-weight blocks and one scale per block \
+                 (row length {cols}, {scales} scales)"
+            ),
+            CoreError::BadDType { what, dtype } => {
+                write!(f, "weight `{what}` is stored as {dtype}, which its kernel does not read")
+            }
             CoreError::BadBatch(why) => write!(f, "bad batch: {why}"),
             CoreError::SlotOutOfRange { slot, slots } => {
                 write!(f, "state slot {slot} out of range: the pool has {slots} slots")

@@ -32,4 +32,4 @@ pub use driver::{next_chunk, prefill, step, ChunkPiece, LogitsMode, Ragged, Scra
 pub use error::CoreError;
 pub use model::{LayerWeights, Model};
 pub use ops::{Layer, MambaOps};
-pub use tensor::{DType, Tensor, WData};
+pub use tensor::{DType, Tensor, WData, Q8_BLOCK};

@@ -94,7 +94,17 @@ impl LayerWeights<Tensor<'_>> {
         if let Some(b) = &self.out_proj_bias {
             b.expect_shape("out_proj bias", 1, dm)?;
         }
-        Ok(())
+        let vectors = [
+            ("norm", Some(&self.norm)),
+            ("in_proj bias", self.in_proj_bias.as_ref()),
+            ("conv1d weight", Some(&self.conv_w)),
+            ("conv1d bias", self.conv_b.as_ref()),
+            ("dt_proj bias", Some(&self.dt_bias)),
+            ("A", Some(&self.a)),
+            ("D", Some(&self.d)),
+            ("out_proj bias", self.out_proj_bias.as_ref()),
+        ];
+        vectors.into_iter().try_for_each(|(what, t)| t.map_or(Ok(()), |t| t.expect_float(what)))
     }
 }
 
@@ -108,6 +118,7 @@ impl Model<'_, Tensor<'_>> {
         }
         self.embedding.expect_shape("embedding", cfg.vocab_size, cfg.d_model)?;
         self.norm_f.expect_shape("norm_f", 1, cfg.d_model)?;
+        self.norm_f.expect_float("norm_f")?;
         if let Some(h) = &self.lm_head {
             h.expect_shape("lm_head", cfg.vocab_size, cfg.d_model)?;
         }

@@ -1,8 +1,8 @@
 //! Borrowed weight views in their stored dtype.
 //!
 //! A [`Tensor`] is a 2-D row-major view `[rows, cols]` over f32, f16 or bf16
-//! elements. Vectors are `[1, n]`. Nothing is converted: the kernels widen
-//! to f32 in registers as they read.
+//! elements, or over 8-bit blocks ([`DType::Q8_0`]). Vectors are `[1, n]`.
+//! Nothing is converted: the kernels widen to f32 in registers as they read.
 
 use crate::error::CoreError;
 use half::{bf16, f16};
@@ -13,14 +13,30 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// Blocks of [`Q8_BLOCK`] int8 weights along a row, each block with one
+    /// f16 scale (GGUF's Q8_0): weight = `q * d`. A row's length is a whole
+    /// number of blocks.
+    Q8_0,
 }
 
+/// Weights per block of [`DType::Q8_0`].
+pub const Q8_BLOCK: usize = 32;
+
 impl DType {
-    /// Bytes per element.
+    /// Bytes per element (Q8_0: the int8 quants; its scales come on top,
+    /// see [`DType::bytes_for`]).
     pub const fn size(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::Q8_0 => 1,
+        }
+    }
+    /// Stored bytes of `n` elements, Q8_0 scales included.
+    pub const fn bytes_for(self, n: usize) -> usize {
+        match self {
+            DType::Q8_0 => n + 2 * n.div_ceil(Q8_BLOCK),
+            _ => n * self.size(),
         }
     }
     /// Lower-case name as used in file formats and the CLI.
@@ -29,6 +45,7 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::Q8_0 => "q8_0",
         }
     }
 }
@@ -39,6 +56,12 @@ pub enum WData<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    /// Q8_0: `q` the int8 quants, `d` one scale per [`Q8_BLOCK`] of them
+    /// (`d.len() * Q8_BLOCK == q.len()`; views start on a block).
+    Q8_0 {
+        q: &'a [i8],
+        d: &'a [f16],
+    },
 }
 
 impl<'a> WData<'a> {
@@ -48,6 +71,7 @@ impl<'a> WData<'a> {
             WData::F32(s) => s.len(),
             WData::F16(s) => s.len(),
             WData::BF16(s) => s.len(),
+            WData::Q8_0 { q, .. } => q.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -58,6 +82,7 @@ impl<'a> WData<'a> {
             WData::F32(_) => DType::F32,
             WData::F16(_) => DType::F16,
             WData::BF16(_) => DType::BF16,
+            WData::Q8_0 { .. } => DType::Q8_0,
         }
     }
     /// Element `i` widened to f32. Panics past the end (callers check shapes first).
@@ -67,17 +92,37 @@ impl<'a> WData<'a> {
             WData::F32(s) => s[i],
             WData::F16(s) => s[i].to_f32(),
             WData::BF16(s) => bf16_to_f32(s[i]),
+            WData::Q8_0 { q, d } => q8_weight(q[i], d[i / Q8_BLOCK]),
         }
     }
-    /// Elements `start..end`.
+    /// Elements `start..end` (for Q8_0, `start` on a block boundary).
     #[inline]
     pub fn slice(&self, start: usize, end: usize) -> WData<'a> {
         match *self {
             WData::F32(s) => WData::F32(&s[start..end]),
             WData::F16(s) => WData::F16(&s[start..end]),
             WData::BF16(s) => WData::BF16(&s[start..end]),
+            WData::Q8_0 { q, d } => {
+                debug_assert!(start.is_multiple_of(Q8_BLOCK), "Q8_0 view starts mid-block");
+                WData::Q8_0 { q: &q[start..end], d: &d[start / Q8_BLOCK..end.div_ceil(Q8_BLOCK)] }
+            }
         }
     }
+    /// Stored bytes, Q8_0 scales included.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            WData::Q8_0 { q, d } => q.len() + 2 * d.len(),
+            _ => self.len() * self.dtype().size(),
+        }
+    }
+}
+
+/// One Q8_0 weight: `q * d`. Exact in f32 (8 bits times 11 bits of
+/// mantissa), so a Q8_0 product equals the f32 product over the
+/// dequantized weights, bit for bit, in every kernel.
+#[inline(always)]
+pub fn q8_weight(q: i8, d: f16) -> f32 {
+    q as f32 * d.to_f32()
 }
 
 /// bf16 to f32 is a shift: exact and cheap.
@@ -96,11 +141,34 @@ pub struct Tensor<'a> {
 
 impl<'a> Tensor<'a> {
     /// View over `data` with shape `[rows, cols]`; the length must match.
+    /// Q8_0 rows must be whole blocks, with one scale per block.
     pub fn new(data: WData<'a>, rows: usize, cols: usize, what: &'static str) -> Result<Self, CoreError> {
         if rows.checked_mul(cols) != Some(data.len()) {
             return Err(CoreError::BadShape { what, expected: (rows, cols), got: (1, data.len()) });
         }
+        if let WData::Q8_0 { q, d } = data {
+            if !cols.is_multiple_of(Q8_BLOCK) || d.len() * Q8_BLOCK != q.len() {
+                return Err(CoreError::BadQ8 { what, cols, scales: d.len() });
+            }
+        }
         Ok(Tensor { data, rows, cols })
+    }
+
+    /// A Q8_0 view over the int8 quants `q` (`[rows, cols]`) and the
+    /// little-endian f16 scales `d` (`[rows, cols / Q8_BLOCK]`).
+    pub fn from_q8_bytes(
+        q: &'a [u8],
+        d: &'a [u8],
+        rows: usize,
+        cols: usize,
+        what: &'static str,
+    ) -> Result<Self, CoreError> {
+        let d = bytemuck::try_cast_slice(d).map_err(|_| CoreError::BadWeightBytes {
+            what,
+            len: d.len(),
+            elem: 2,
+        })?;
+        Self::new(WData::Q8_0 { q: bytemuck::cast_slice(q), d }, rows, cols, what)
     }
 
     /// View over little-endian bytes in `dtype`. The bytes must be aligned to
@@ -118,6 +186,8 @@ impl<'a> Tensor<'a> {
             DType::F32 => WData::F32(bytemuck::try_cast_slice(bytes).map_err(|_| bad)?),
             DType::F16 => WData::F16(bytemuck::try_cast_slice(bytes).map_err(|_| bad)?),
             DType::BF16 => WData::BF16(bytemuck::try_cast_slice(bytes).map_err(|_| bad)?),
+            // The scales live apart: see `from_q8_bytes`.
+            DType::Q8_0 => return Err(CoreError::BadQ8 { what, cols, scales: 0 }),
         };
         Self::new(data, rows, cols, what)
     }
@@ -145,9 +215,18 @@ impl<'a> Tensor<'a> {
         self.data.slice(r * self.cols, (r + 1) * self.cols)
     }
 
-    /// Stored bytes.
+    /// Stored bytes (Q8_0 scales included).
     pub fn nbytes(&self) -> usize {
-        self.len() * self.dtype().size()
+        self.data.nbytes()
+    }
+
+    /// Check the weight is stored in a float type (element-wise kernels do
+    /// not read Q8_0).
+    pub fn expect_float(&self, what: &'static str) -> Result<(), CoreError> {
+        match self.dtype() {
+            DType::Q8_0 => Err(CoreError::BadDType { what, dtype: DType::Q8_0.name() }),
+            _ => Ok(()),
+        }
     }
 
     /// Check the shape is `[rows, cols]`.

@@ -69,6 +69,9 @@ impl Blas {
             DType::F32 => sys::cudaDataType::CUDA_R_32F,
             DType::F16 => sys::cudaDataType::CUDA_R_16F,
             DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+            DType::Q8_0 => {
+                return Err(CudaError::Input("a Q8_0 matrix reached cuBLAS (uploads dequantize it)".into()))
+            }
         };
         let dim = |v: usize, what: &str| {
             i32::try_from(v)

@@ -44,7 +44,8 @@ fn u(v: usize) -> u32 {
 /// `out[t] = table[ids[t]]`: table `[vocab, d_model]` of `dtype`, out `[n, d_model]` f32.
 pub fn embed(dtype: DType, table: u64, ids: u64, out: u64, n: usize, d_model: usize) -> Launch {
     let kernel = match dtype {
-        DType::F32 => "embed_f32",
+        // Device weights are never Q8_0 (uploads dequantize it to f32).
+        DType::F32 | DType::Q8_0 => "embed_f32",
         DType::F16 => "embed_f16",
         DType::BF16 => "embed_bf16",
     };
@@ -140,7 +141,8 @@ pub fn gemv_with_split(
     split: u32,
 ) -> Launch {
     let names = match dtype {
-        DType::F32 => &GEMV_F32,
+        // Device weights are never Q8_0 (uploads dequantize it to f32).
+        DType::F32 | DType::Q8_0 => &GEMV_F32,
         DType::F16 => &GEMV_F16,
         DType::BF16 => &GEMV_BF16,
     };

@@ -5,7 +5,8 @@
 //! per step, so they stay as small as the checkpoint. Vectors and the small
 //! per-channel weights (norms, biases, conv1d, dt_proj, A, D) are widened to
 //! f32 once at upload: the kernels read them as f32, with the values the CPU
-//! backend widens in registers.
+//! backend widens in registers. Q8_0 matrices are dequantized to f32 at
+//! upload (exact), so no device weight is Q8_0.
 
 use std::sync::Arc;
 
@@ -84,6 +85,10 @@ pub fn upload_stored(stream: &Arc<CudaStream>, t: &Tensor<'_>) -> Result<DeviceW
             let bits: &[u16] = half::slice::HalfFloatSliceExt::reinterpret_cast(s);
             WeightData::Half(stream.clone_htod(bits).map_err(CudaError::driver("uploading a weight"))?)
         }
+        // No Q8_0 kernels on the device yet: the dequantized weights are
+        // exact in f32, so the f32 path computes the same product (at 4x
+        // the bytes). Device weights are therefore never Q8_0.
+        WData::Q8_0 { .. } => return upload_f32(stream, t),
     };
     Ok(DeviceWeight { dtype: t.dtype(), rows: t.rows, cols: t.cols, data: Arc::new(data) })
 }

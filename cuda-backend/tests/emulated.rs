@@ -110,6 +110,8 @@ impl EmuWeight {
             WData::F32(s) => EmuData::F32(s.to_vec()),
             WData::F16(s) => EmuData::Half(s.iter().map(|v| v.to_bits()).collect()),
             WData::BF16(s) => EmuData::Half(s.iter().map(|v| v.to_bits()).collect()),
+            // As `upload_stored`: Q8_0 goes up dequantized to f32.
+            WData::Q8_0 { .. } => return Self::f32(t),
         };
         EmuWeight { dtype: t.dtype(), rows: t.rows, cols: t.cols, data }
     }

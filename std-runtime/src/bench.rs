@@ -14,7 +14,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use mamba_core::{Parallel, Tensor, WData};
+use mamba_core::{Parallel, WData};
 use serde_json::json;
 
 use crate::error::{Error, Result};
@@ -82,22 +82,25 @@ pub fn decode_bytes_per_token(model: &LoadedModel) -> Result<usize> {
 fn decode_weights(model: &LoadedModel) -> Result<Vec<&[u8]>> {
     let v = model.view()?;
     let m = v.model();
-    let mut out: Vec<&[u8]> = m.layers.iter().flat_map(|l| l.each()).map(tensor_bytes).collect();
-    out.push(tensor_bytes(&m.norm_f));
-    out.push(tensor_bytes(m.head()));
+    let mut out: Vec<&[u8]> =
+        m.layers.iter().flat_map(|l| l.each()).flat_map(|t| data_bytes(t.data)).collect();
+    out.extend(data_bytes(m.norm_f.data));
+    out.extend(data_bytes(m.head().data));
     if m.lm_head.is_some() {
-        let row = m.embedding.cols * m.embedding.dtype().size();
-        out.push(&tensor_bytes(&m.embedding)[..row]);
+        out.extend(data_bytes(m.embedding.row(0)));
     }
     Ok(out)
 }
 
-fn tensor_bytes<'a>(t: &Tensor<'a>) -> &'a [u8] {
-    match t.data {
-        WData::F32(d) => bytemuck::cast_slice(d),
-        WData::F16(d) => bytemuck::cast_slice(d),
-        WData::BF16(d) => bytemuck::cast_slice(d),
-    }
+/// The stored bytes of `d` (Q8_0: the quants, then the scales).
+fn data_bytes(d: WData<'_>) -> impl Iterator<Item = &[u8]> {
+    let (a, b): (&[u8], &[u8]) = match d {
+        WData::F32(d) => (bytemuck::cast_slice(d), &[]),
+        WData::F16(d) => (bytemuck::cast_slice(d), &[]),
+        WData::BF16(d) => (bytemuck::cast_slice(d), &[]),
+        WData::Q8_0 { q, d } => (bytemuck::cast_slice(q), bytemuck::cast_slice(d)),
+    };
+    [a, b].into_iter().filter(|s| !s.is_empty())
 }
 
 /// The rate, in GB/s (1e9), at which the pool's threads can merely read the

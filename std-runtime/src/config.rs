@@ -151,6 +151,28 @@ impl<'a> Reader<'a> {
 }
 
 /// Read and parse a JSON object file.
+/// The `quant_method` that `mamba-rs quantize` writes in `quantization_config`.
+pub const Q8_0_METHOD: &str = "q8_0";
+
+/// A checkpoint quantized some other way (GPTQ, AWQ, bitsandbytes, ...) has
+/// tensors this loader cannot read: say so by name rather than report
+/// missing tensors.
+fn check_quantization(path: &Path, obj: &Map<String, Value>) -> Result<()> {
+    let Some(q) = obj.get("quantization_config") else { return Ok(()) };
+    let method = q.get("quant_method").and_then(Value::as_str);
+    match method {
+        Some(Q8_0_METHOD) => Ok(()),
+        other => Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            msg: format!(
+                "quantization_config.quant_method {}: mamba-rs reads \"{Q8_0_METHOD}\" checkpoints \
+                 (made by `mamba-rs quantize`) and unquantized f32/f16/bf16 ones",
+                other.map_or("is missing".to_string(), |m| format!("\"{m}\"")),
+            ),
+        }),
+    }
+}
+
 pub fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -202,6 +224,7 @@ impl FileConfig {
 
     /// Parse a config object; the layout is told by its keys.
     pub fn from_json(path: &Path, obj: &Map<String, Value>) -> Result<Self> {
+        check_quantization(path, obj)?;
         let r = Reader { path, obj };
         // transformers always writes `hidden_size`; the original layout never does.
         let original = ["d_model", "n_layer", "ssm_cfg"].iter().any(|k| obj.contains_key(*k));

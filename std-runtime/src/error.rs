@@ -39,7 +39,7 @@ pub enum Error {
     MissingTensor { name: String, dir: PathBuf },
     #[error("tensor `{name}` in {file} has shape {got:?}, expected {expected:?}")]
     TensorShape { name: String, file: PathBuf, expected: Vec<usize>, got: Vec<usize> },
-    #[error("tensor `{name}` in {file} has unsupported dtype {dtype} (supported: F32, F16, BF16)")]
+    #[error("tensor `{name}` in {file} has unsupported dtype {dtype} (supported: F32, F16, BF16, and I8 with F16 scales for Q8_0)")]
     TensorDtype { name: String, file: PathBuf, dtype: String },
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },

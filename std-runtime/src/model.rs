@@ -24,6 +24,8 @@ pub struct LoadedModel {
     pub cfg: MambaConfig,
     /// Stored dtype of the large matrices.
     pub dtype: DType,
+    /// Stored bytes of one layer's A_log.
+    a_log_bytes: usize,
     store: TensorStore,
     /// `A = -exp(A_log)` per layer, `[d_inner * d_state]`, computed once.
     a: Vec<Vec<f32>>,
@@ -62,14 +64,43 @@ fn shape_err(t: &RawTensor<'_>, expected: &[usize]) -> Error {
     }
 }
 
-/// View `t` as `[rows, cols]` after checking its stored shape equals `expected`.
-fn view<'a>(t: RawTensor<'a>, expected: &[usize], rows: usize, cols: usize) -> Result<Tensor<'a>> {
+/// View tensor `name` as `[rows, cols]` after checking its stored shape
+/// equals `expected`. A Q8_0 tensor (int8 quants) takes its scales from
+/// `<name>_scale`, `[rows, cols / 32]` f16.
+fn view<'a>(
+    store: &'a TensorStore,
+    name: &str,
+    expected: &[usize],
+    rows: usize,
+    cols: usize,
+) -> Result<Tensor<'a>> {
+    let t = store.get(name)?;
     if t.shape != expected {
         return Err(shape_err(&t, expected));
     }
     let what = "checkpoint tensor";
-    Ok(Tensor::from_bytes(t.dtype, t.bytes, rows, cols, what)?)
+    if t.dtype != DType::Q8_0 {
+        return Ok(Tensor::from_bytes(t.dtype, t.bytes, rows, cols, what)?);
+    }
+    let scale = store.get(&format!("{name}{Q8_SCALE_SUFFIX}"))?;
+    let want = [rows, cols.div_ceil(mamba_core::Q8_BLOCK)];
+    if scale.dtype != DType::F16 || scale.shape != want || !cols.is_multiple_of(mamba_core::Q8_BLOCK) {
+        return Err(Error::Unsupported {
+            path: t.file.to_path_buf(),
+            msg: format!(
+                "Q8_0 tensor `{name}` ({rows} x {cols}) needs rows of whole 32-weight blocks and an F16 \
+                 `{}` of shape {want:?}; found {} {:?}",
+                scale.name,
+                scale.dtype.name(),
+                scale.shape
+            ),
+        });
+    }
+    Ok(Tensor::from_q8_bytes(t.bytes, scale.bytes, rows, cols, what)?)
 }
+
+/// The name of a Q8_0 weight's scales: the weight's name and this.
+pub const Q8_SCALE_SUFFIX: &str = "_scale";
 
 impl LoadedModel {
     /// Load `spec`: a model directory, or `ORG/NAME` from the local Hugging Face cache.
@@ -128,11 +159,14 @@ impl LoadedModel {
         })?;
         // No capacity from n_layer: a huge one in config.json fails on a missing layer, not an allocation.
         let mut a = Vec::new();
+        let mut a_log_bytes = 0;
         for i in 0..cfg.n_layer {
             let name = format!("backbone.layers.{i}.mixer.A_log");
-            let t = view(store.get(&name)?, &[cfg.d_inner, cfg.d_state], cfg.d_inner, cfg.d_state)?;
+            let t = view(&store, &name, &[cfg.d_inner, cfg.d_state], cfg.d_inner, cfg.d_state)?;
+            t.expect_float("A_log")?;
             let mut out = vec![0.0f32; cfg.d_inner * cfg.d_state];
             a_from_a_log(t.data, &mut out);
+            a_log_bytes = t.nbytes();
             a.push(out);
         }
         let model = LoadedModel {
@@ -140,6 +174,7 @@ impl LoadedModel {
             file_config,
             cfg,
             dtype,
+            a_log_bytes,
             store,
             a,
             embedding_name,
@@ -162,7 +197,7 @@ impl LoadedModel {
         // Saturating: an absurd dt_rank is a shape mismatch, not an overflow.
         let xp = r.saturating_add(2 * n);
         let s = &self.store;
-        let t = |name: &str, shape: &[usize], rows: usize, cols: usize| view(s.get(name)?, shape, rows, cols);
+        let t = |name: &str, shape: &[usize], rows: usize, cols: usize| view(s, name, shape, rows, cols);
         let opt = |name: &str,
                    shape: &[usize],
                    rows: usize,
@@ -220,12 +255,15 @@ impl LoadedModel {
             let layers: usize = m
                 .layers
                 .iter()
-                .map(|l| {
-                    l.each().map(Tensor::nbytes).sum::<usize>() - l.a.nbytes() + l.a.len() * self.dtype.size()
-                })
+                .map(|l| l.each().map(Tensor::nbytes).sum::<usize>() - l.a.nbytes() + self.a_log_bytes)
                 .sum();
             layers + m.embedding.nbytes() + m.norm_f.nbytes() + m.lm_head.map_or(0, |h| h.nbytes())
         })
+    }
+
+    /// Every stored tensor, by name.
+    pub fn tensors(&self) -> &TensorStore {
+        &self.store
     }
 
     /// The weight files read.

@@ -11,7 +11,9 @@
 //! - dt_proj bias: softplus⁻¹ of dt log-uniform in [1e-3, 1e-1];
 //! - A_log = ln(1..=d_state) on every row; D = 1; norms = 1.
 //!
-//! Every tensor is stored in the requested dtype. Values are a pure
+//! Every tensor is stored in the requested dtype; for Q8_0, the matrices
+//! whose rows are whole 32-weight blocks are (quants uniform in ±127, one
+//! f16 scale of bound / 127 per block) and the rest is f32. Values are a pure
 //! function of the seed (not of the thread count): the big matrices are
 //! filled in parallel, each chunk from its own generator seeded by the
 //! tensor's and the chunk's index, straight into the aligned words the
@@ -20,12 +22,12 @@
 use std::path::PathBuf;
 
 use half::{bf16, f16};
-use mamba_core::DType;
+use mamba_core::{DType, Q8_BLOCK};
 use rayon::prelude::*;
 
 use crate::config::{FileConfig, Layout};
 use crate::error::{Error, Result};
-use crate::model::LoadedModel;
+use crate::model::{LoadedModel, Q8_SCALE_SUFFIX};
 use crate::sampling::Rng;
 use crate::weights::TensorStore;
 
@@ -131,6 +133,8 @@ fn bits(dtype: DType, v: f32) -> u64 {
         DType::F32 => v.to_bits() as u64,
         DType::BF16 => bf16::from_f32(v).to_bits() as u64,
         DType::F16 => f16::from_f32(v).to_bits() as u64,
+        // A quant: the value rounded into -127..=127.
+        DType::Q8_0 => v.round().clamp(-127.0, 127.0) as i8 as u8 as u64,
     }
 }
 
@@ -201,6 +205,13 @@ fn fill_uniform(words: &mut [u64], dtype: DType, n: usize, bound: f32, seed: u64
             }
             DType::BF16 => fill_16(chunk, &mut rng, bound / 32768.0, bf16_bits),
             DType::F16 => fill_16(chunk, &mut rng, bound / 32768.0, f16_bits),
+            // Quants uniform in -127..=127 (their scale, bound / 127, is a tensor of its own).
+            DType::Q8_0 => {
+                for word in chunk.iter_mut() {
+                    let r = rng.next_u64().to_le_bytes().map(|b| (b as i8).max(-127) as u8);
+                    *word = u64::from_le_bytes(r).to_le();
+                }
+            }
         }
         // Elements past the end share the last word; keep them zero.
         let end = (c * CHUNK_WORDS + chunk.len()) * per;
@@ -273,9 +284,30 @@ pub fn synthetic_model(shape: &Shape, dtype: DType, seed: u64) -> Result<LoadedM
     let tensors: Vec<(String, DType, Vec<usize>, Vec<u64>)> = specs(shape)
         .into_par_iter()
         .enumerate()
-        .map(|(i, s)| {
-            let words = make(&s, dtype, mix(seed, i as u64));
-            (s.name, dtype, s.shape, words)
+        .flat_map_iter(|(i, s)| {
+            let seed = mix(seed, i as u64);
+            match (dtype, &s.init, &s.shape[..]) {
+                // Q8_0 for the matrices whose rows are whole blocks (the
+                // quantizer's rule); their scale makes the same uniform range.
+                (DType::Q8_0, &Init::Uniform(bound), &[rows, cols]) if cols % Q8_BLOCK == 0 => {
+                    let scale = Spec {
+                        name: format!("{}{Q8_SCALE_SUFFIX}", s.name),
+                        shape: vec![rows, cols / Q8_BLOCK],
+                        init: Init::Const(bound / 127.0),
+                    };
+                    let words = make(&s, DType::Q8_0, seed);
+                    let scale_words = make(&scale, DType::F16, 0);
+                    vec![
+                        (s.name, DType::Q8_0, s.shape, words),
+                        (scale.name, DType::F16, scale.shape, scale_words),
+                    ]
+                }
+                // The rest stays f32, as a quantized f32 checkpoint keeps it.
+                (DType::Q8_0, ..) => {
+                    vec![(s.name.clone(), DType::F32, s.shape.clone(), make(&s, DType::F32, seed))]
+                }
+                _ => vec![(s.name.clone(), dtype, s.shape.clone(), make(&s, dtype, seed))],
+            }
         })
         .collect();
     let store = TensorStore::from_words(&origin, tensors)?;

@@ -159,6 +159,9 @@ impl TensorStore {
                 safetensors::Dtype::F32 => Ok(DType::F32),
                 safetensors::Dtype::F16 => Ok(DType::F16),
                 safetensors::Dtype::BF16 => Ok(DType::BF16),
+                // The int8 quants of a Q8_0 weight; its scales are the F16
+                // tensor named `<name>_scale` (see `crate::quantize`).
+                safetensors::Dtype::I8 => Ok(DType::Q8_0),
                 other => Err(format!("{other:?}")),
             };
             let (s, e) = info.data_offsets;

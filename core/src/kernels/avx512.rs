@@ -37,10 +37,17 @@ pub fn linear(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if super::simd::avx512_enabled() {
+        // The tiles read raw pointers: every row they touch must be in bounds.
+        assert!(
+            f1 * w.cols <= w.len() && rows * w.cols <= x.len(),
+            "linear: operands shorter than their shapes"
+        );
+        let rest = (w.cols, x, rows, bias, (f0, f1));
         match w.data {
-            WData::F32(d) => blocked(d, w.cols, x, rows, bias, (f0, f1), store),
-            WData::F16(d) => blocked(d, w.cols, x, rows, bias, (f0, f1), store),
-            WData::BF16(d) => blocked(d, w.cols, x, rows, bias, (f0, f1), store),
+            WData::F32(d) => blocked(d.as_ptr(), 4, rest, store),
+            WData::F16(d) => blocked(d.as_ptr(), 2, rest, store),
+            WData::BF16(d) => blocked(d.as_ptr(), 2, rest, store),
+            WData::Q8_0 { q, d } => blocked(x86::Q8Rows { q: q.as_ptr(), d: d.as_ptr() }, 1, rest, store),
         }
         return true;
     }
@@ -62,6 +69,9 @@ pub fn dot(w: WData<'_>, x: &[f32]) -> Option<f32> {
                 WData::F32(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k),
                 WData::F16(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k),
                 WData::BF16(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k),
+                WData::Q8_0 { q, d } => {
+                    x86::tile::<_, 1, 1>([x86::Q8Rows { q: q.as_ptr(), d: d.as_ptr() }], [x.as_ptr()], k)
+                }
             }
         };
         return Some(r[0][0]);
@@ -70,18 +80,19 @@ pub fn dot(w: WData<'_>, x: &[f32]) -> Option<f32> {
     None
 }
 
+/// `k`, `x`, `rows`, `bias` and the feature range of a product.
 #[cfg(target_arch = "x86_64")]
-fn blocked<W: x86::Widen16>(
-    w: &[W],
-    k: usize,
-    x: &[f32],
-    rows: usize,
-    bias: Option<&Tensor<'_>>,
-    (f0, f1): (usize, usize),
+type Operands<'x, 'b, 'w> = (usize, &'x [f32], usize, Option<&'b Tensor<'w>>, (usize, usize));
+
+/// The product over weight rows from `w` (`[_, k]`, `esize` bytes per
+/// quant or element, the rows `0..f1` in bounds: the caller asserts it).
+#[cfg(target_arch = "x86_64")]
+fn blocked<W: x86::Rows16>(
+    w: W,
+    esize: usize,
+    (k, x, rows, bias, (f0, f1)): Operands<'_, '_, '_>,
     store: &mut impl FnMut(usize, usize, f32),
 ) {
-    // The tiles read raw pointers: every row they touch must be in bounds.
-    assert!(f1 * k <= w.len() && rows * k <= x.len(), "linear: operands shorter than their shapes");
     let b = |o: usize| bias.map_or(0.0, |b| b.data.get(o));
     if rows == 1 {
         // One token is a pure stream of weights: rows one after another,
@@ -101,7 +112,6 @@ fn blocked<W: x86::Widen16>(
         }
         return;
     }
-    let esize = core::mem::size_of::<W>();
     let panel = (PANEL_BYTES / (k * esize).max(1)).max(TILE_R) / TILE_R * TILE_R;
     let mut p0 = f0;
     while p0 < f1 {
@@ -121,7 +131,7 @@ fn blocked<W: x86::Widen16>(
                 let nr = if p1 - o >= TILE_R { TILE_R } else { 1 };
                 if fetched < next.1 {
                     let len = share.min(next.1 - fetched);
-                    x86::prefetch(w.as_ptr() as *const u8, fetched, len);
+                    x86::prefetch(w.bytes(), fetched, len);
                     fetched += len;
                 }
                 // SAFETY: features and rows are in bounds (asserted above);
@@ -156,6 +166,97 @@ pub(crate) mod x86 {
             // SAFETY: a prefetch has no effect on memory and never faults.
             unsafe { _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(start + off) as *const i8) };
             off += 64;
+        }
+    }
+
+    /// Where a tile reads a weight row: sixteen weights at a time, widened
+    /// to f32 in a register.
+    pub trait Rows16: Copy {
+        /// Weights `i..i+16`.
+        /// # Safety
+        /// They are readable; AVX-512 F/BW/VL are available.
+        unsafe fn load16(self, i: usize) -> __m512;
+        /// Weights `i..i+32` (`i` a multiple of 32) as two registers.
+        /// # Safety
+        /// As [`Rows16::load16`].
+        #[inline(always)]
+        unsafe fn load32(self, i: usize) -> [__m512; 2] {
+            [self.load16(i), self.load16(i + 16)]
+        }
+        /// The first `count(m)` weights from `i`, zeros elsewhere (`m` is a low mask).
+        /// # Safety
+        /// The lanes set in `m` are readable; AVX-512 F/BW/VL are available.
+        unsafe fn load16_masked(self, i: usize, m: __mmask16) -> __m512;
+        /// The row `r` rows of `k` weights further on.
+        /// # Safety
+        /// That row is in bounds (`k` a multiple of the block for Q8_0).
+        unsafe fn row(self, r: usize, k: usize) -> Self;
+        /// The bytes the weights stream from (for prefetch hints).
+        fn bytes(self) -> *const u8;
+    }
+
+    impl<W: Widen16> Rows16 for *const W {
+        #[inline(always)]
+        unsafe fn load16(self, i: usize) -> __m512 {
+            W::load16(self.add(i))
+        }
+        #[inline(always)]
+        unsafe fn load16_masked(self, i: usize, m: __mmask16) -> __m512 {
+            W::load16_masked(self.add(i), m)
+        }
+        #[inline(always)]
+        unsafe fn row(self, r: usize, k: usize) -> Self {
+            self.add(r * k)
+        }
+        fn bytes(self) -> *const u8 {
+            self as *const u8
+        }
+    }
+
+    /// Rows of Q8_0 blocks: the int8 quants and their f16 scales, one per 32.
+    #[derive(Clone, Copy)]
+    pub struct Q8Rows {
+        pub q: *const i8,
+        pub d: *const f16,
+    }
+
+    impl Q8Rows {
+        /// The scale of weight `i`'s block, broadcast.
+        #[inline(always)]
+        unsafe fn scale(self, i: usize) -> __m512 {
+            _mm512_cvtph_ps(_mm256_set1_epi16((*self.d.add(i / crate::tensor::Q8_BLOCK)).to_bits() as i16))
+        }
+    }
+
+    /// `q * d` is exact in f32, so these equal f32 weights dequantized first.
+    impl Rows16 for Q8Rows {
+        #[inline(always)]
+        unsafe fn load16(self, i: usize) -> __m512 {
+            let q =
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(self.q.add(i) as *const __m128i)));
+            _mm512_mul_ps(q, self.scale(i))
+        }
+        #[inline(always)]
+        unsafe fn load32(self, i: usize) -> [__m512; 2] {
+            let s = self.scale(i);
+            let lo =
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(self.q.add(i) as *const __m128i)));
+            let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                self.q.add(i + 16) as *const __m128i
+            )));
+            [_mm512_mul_ps(lo, s), _mm512_mul_ps(hi, s)]
+        }
+        #[inline(always)]
+        unsafe fn load16_masked(self, i: usize, m: __mmask16) -> __m512 {
+            let q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, self.q.add(i))));
+            _mm512_mul_ps(q, self.scale(i))
+        }
+        #[inline(always)]
+        unsafe fn row(self, r: usize, k: usize) -> Self {
+            Q8Rows { q: self.q.add(r * k), d: self.d.add(r * k / crate::tensor::Q8_BLOCK) }
+        }
+        fn bytes(self) -> *const u8 {
+            self.q as *const u8
         }
     }
 
@@ -215,8 +316,8 @@ pub(crate) mod x86 {
     /// AVX-512 F/BW/VL are available; each `w[r]` and `x[t]` points at `k`
     /// readable elements.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn tile<W: Widen16, const R: usize, const T: usize>(
-        w: [*const W; R],
+    pub unsafe fn tile<W: Rows16, const R: usize, const T: usize>(
+        w: [W; R],
         x: [*const f32; T],
         k: usize,
     ) -> [[f32; T]; R] {
@@ -225,7 +326,7 @@ pub(crate) mod x86 {
         while i + 32 <= k {
             let mut wv = [[_mm512_setzero_ps(); 2]; R];
             for r in 0..R {
-                wv[r] = [W::load16(w[r].add(i)), W::load16(w[r].add(i + 16))];
+                wv[r] = w[r].load32(i);
             }
             for t in 0..T {
                 let xv = [_mm512_loadu_ps(x[t].add(i)), _mm512_loadu_ps(x[t].add(i + 16))];
@@ -243,7 +344,7 @@ pub(crate) mod x86 {
             let m = if k - i >= 16 { 0xffff } else { ((1u32 << (k - i)) - 1) as __mmask16 };
             let mut wv = [_mm512_setzero_ps(); R];
             for r in 0..R {
-                wv[r] = W::load16_masked(w[r].add(i), m);
+                wv[r] = w[r].load16_masked(i, m);
             }
             for t in 0..T {
                 let xv = _mm512_maskz_loadu_ps(m, x[t].add(i));
@@ -269,10 +370,10 @@ pub(crate) mod x86 {
     /// AVX-512 F/BW/VL are available; rows `o..o+out.len()` of `w` and `k`
     /// elements of `x` are in bounds.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn gemv<W: Widen16>(w: &[W], k: usize, o: usize, x: &[f32], out: &mut [f32]) {
-        let wp = w.as_ptr().add(o * k);
+    pub unsafe fn gemv<W: Rows16>(w: W, k: usize, o: usize, x: &[f32], out: &mut [f32]) {
+        let wp = w.row(o, k);
         for (i, v) in out.iter_mut().enumerate() {
-            *v = tile::<W, 1, 1>([wp.add(i * k)], [x.as_ptr()], k)[0][0];
+            *v = tile::<W, 1, 1>([wp.row(i, k)], [x.as_ptr()], k)[0][0];
         }
     }
 
@@ -285,8 +386,8 @@ pub(crate) mod x86 {
     /// of `x` are in bounds.
     #[inline]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile_dyn<W: Widen16>(
-        w: &[W],
+    pub unsafe fn tile_dyn<W: Rows16>(
+        w: W,
         k: usize,
         o: usize,
         nr: usize,
@@ -294,9 +395,9 @@ pub(crate) mod x86 {
         t0: usize,
         nt: usize,
     ) -> [[f32; TILE_T]; TILE_R] {
-        let wp = w.as_ptr().add(o * k);
+        let wp = w.row(o, k);
         let xp = x.as_ptr().add(t0 * k);
-        let rows = |i: usize| wp.add(i * k);
+        let rows = |i: usize| wp.row(i, k);
         let toks = |j: usize| xp.add(j * k);
         let mut out = [[0.0f32; TILE_T]; TILE_R];
         macro_rules! run {

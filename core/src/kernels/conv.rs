@@ -95,6 +95,18 @@ multiversion! {
             WData::F32(ws) => taps(x, k, &ws[d0 * k..], |v| v, state, out),
             WData::F16(ws) => taps(x, k, &ws[d0 * k..], |v| v.to_f32(), state, out),
             WData::BF16(ws) => taps(x, k, &ws[d0 * k..], crate::tensor::bf16_to_f32, state, out),
+            // The loaders never quantize the conv (validate refuses it); exact all the same.
+            WData::Q8_0 { .. } => {
+                let mut buf = [0.0f32; LANES * MAX_D_CONV];
+                for c0 in (0..n).step_by(LANES) {
+                    let m = LANES.min(n - c0);
+                    for (i, v) in buf[..m * k].iter_mut().enumerate() {
+                        *v = w.get((d0 + c0) * k + i);
+                    }
+                    let (st, o) = (&mut state[c0 * k..(c0 + m) * k], &mut out[c0..c0 + m]);
+                    taps(&x[c0..c0 + m], k, &buf[..m * k], |v| v, st, o);
+                }
+            }
         }
         // SiLU as its own pass: it vectorises.
         for o in out.iter_mut() {

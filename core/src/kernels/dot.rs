@@ -5,7 +5,8 @@
 //! x86-64 with AVX2/FMA switched on ([`super::simd::enable_avx2`]) the
 //! explicit SIMD kernels run instead.
 
-use crate::tensor::{bf16_to_f32, WData};
+use crate::tensor::{bf16_to_f32, q8_weight, WData, Q8_BLOCK};
+use half::f16;
 
 /// `sum_i w[i] * x[i]` over the shorter of the two.
 #[inline]
@@ -23,6 +24,7 @@ pub fn dot(w: WData<'_>, x: &[f32]) -> f32 {
                 WData::F32(a) => x86::dot_f32(a, x),
                 WData::F16(a) => x86::dot_f16(a, x),
                 WData::BF16(a) => x86::dot_bf16(a, x),
+                WData::Q8_0 { q, d } => x86::dot_q8(q, d, x),
             };
         }
     }
@@ -42,6 +44,7 @@ pub fn dot4(w: WData<'_>, x: [&[f32]; 4]) -> [f32; 4] {
                 WData::F32(a) => x86::dot4_f32(a, x),
                 WData::F16(a) => x86::dot4_f16(a, x),
                 WData::BF16(a) => x86::dot4_bf16(a, x),
+                WData::Q8_0 { q, d } => x86::dot4_q8(q, d, x),
             };
         }
     }
@@ -73,7 +76,31 @@ pub fn dot_portable(w: WData<'_>, x: &[f32]) -> f32 {
         WData::F32(a) => dot_with(a, x, |v| v),
         WData::F16(a) => dot_with(a, x, |v| v.to_f32()),
         WData::BF16(a) => dot_with(a, x, bf16_to_f32),
+        WData::Q8_0 { q, d } => dot_q8(q, d, x),
     }
+}
+
+/// Q8_0 in [`dot_with`]'s order: the same bits as the f32 dot product over
+/// the dequantized weights (each `q * d` is exact).
+#[inline(always)]
+fn dot_q8(q: &[i8], d: &[f16], x: &[f32]) -> f32 {
+    let n = q.len().min(x.len()).min(d.len() * Q8_BLOCK);
+    let mut acc = [0.0f32; 8];
+    let mut i = 0;
+    while i + 8 <= n {
+        // A chunk of 8 never straddles a block of 32.
+        let s = d[i / Q8_BLOCK].to_f32();
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a += (q[i + j] as f32 * s) * x[i + j];
+        }
+        i += 8;
+    }
+    let mut tail = 0.0f32;
+    while i < n {
+        tail += q8_weight(q[i], d[i / Q8_BLOCK]) * x[i];
+        i += 1;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 #[inline(always)]

@@ -14,6 +14,12 @@ multiversion! {
                 WData::F32(ws) => scale(xr, ws, inv, |v| v, or),
                 WData::F16(ws) => scale(xr, ws, inv, |v| v.to_f32(), or),
                 WData::BF16(ws) => scale(xr, ws, inv, crate::tensor::bf16_to_f32, or),
+                // Never loaded so (validate refuses it); exact all the same.
+                WData::Q8_0 { .. } => {
+                    for (i, (o, &v)) in or.iter_mut().zip(xr).enumerate() {
+                        *o = v * inv * w.get(i);
+                    }
+                }
             }
         }
     }

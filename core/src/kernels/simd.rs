@@ -143,27 +143,71 @@ pub(crate) mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    /// `sum w[i] x[i]` with two FMA chains (even and odd blocks of 8).
-    /// [`dot4_impl`] sums in exactly the same order, so a row gives the same
-    /// bits whether it is computed alone or in a block of four.
+    /// Where a dot product reads its weights: eight at a time, or one.
+    trait Src8: Copy {
+        /// Weights `i..i+8` widened.
+        /// # Safety
+        /// They are readable; AVX2/F16C are available.
+        unsafe fn load8(self, i: usize) -> __m256;
+        /// Weight `i` widened.
+        /// # Safety
+        /// It is readable.
+        unsafe fn get(self, i: usize) -> f32;
+    }
+
+    impl<T: Widen> Src8 for *const T {
+        #[inline(always)]
+        unsafe fn load8(self, i: usize) -> __m256 {
+            T::load8(self.add(i))
+        }
+        #[inline(always)]
+        unsafe fn get(self, i: usize) -> f32 {
+            (*self.add(i)).to_f32()
+        }
+    }
+
+    /// Q8_0 blocks: `q * d`, exact in f32.
+    #[derive(Clone, Copy)]
+    struct Q8Src {
+        q: *const i8,
+        d: *const f16,
+    }
+
+    impl Src8 for Q8Src {
+        #[inline(always)]
+        unsafe fn load8(self, i: usize) -> __m256 {
+            let q =
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(self.q.add(i) as *const __m128i)));
+            let d = (*self.d.add(i / crate::tensor::Q8_BLOCK)).to_bits() as i16;
+            _mm256_mul_ps(q, _mm256_cvtph_ps(_mm_set1_epi16(d)))
+        }
+        #[inline(always)]
+        unsafe fn get(self, i: usize) -> f32 {
+            crate::tensor::q8_weight(*self.q.add(i), *self.d.add(i / crate::tensor::Q8_BLOCK))
+        }
+    }
+
+    /// `sum w[i] x[i]` over `n` weights with two FMA chains (even and odd
+    /// blocks of 8). [`dot4_impl`] sums in exactly the same order, so a row
+    /// gives the same bits whether it is computed alone or in a block of four.
     #[inline(always)]
-    unsafe fn dot_impl<T: Widen>(w: &[T], x: &[f32]) -> f32 {
-        let n = w.len().min(x.len());
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    unsafe fn dot_impl<S: Src8>(w: S, n: usize, x: &[f32]) -> f32 {
+        let n = n.min(x.len());
+        let xp = x.as_ptr();
         let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut i = 0;
         while i + 16 <= n {
-            a0 = _mm256_fmadd_ps(T::load8(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
-            a1 = _mm256_fmadd_ps(T::load8(wp.add(i + 8)), _mm256_loadu_ps(xp.add(i + 8)), a1);
+            a0 = _mm256_fmadd_ps(w.load8(i), _mm256_loadu_ps(xp.add(i)), a0);
+            a1 = _mm256_fmadd_ps(w.load8(i + 8), _mm256_loadu_ps(xp.add(i + 8)), a1);
             i += 16;
         }
         if i + 8 <= n {
-            a0 = _mm256_fmadd_ps(T::load8(wp.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
+            a0 = _mm256_fmadd_ps(w.load8(i), _mm256_loadu_ps(xp.add(i)), a0);
             i += 8;
         }
         let mut s = hsum(_mm256_add_ps(a0, a1));
         while i < n {
-            s += w[i].to_f32() * x[i];
+            s += w.get(i) * x[i];
             i += 1;
         }
         s
@@ -172,15 +216,14 @@ pub(crate) mod x86 {
     /// Four rows of x against one weight row: the weights are loaded and
     /// widened once for the four tokens. Same summation order as [`dot_impl`].
     #[inline(always)]
-    unsafe fn dot4_impl<T: Widen>(w: &[T], x: [&[f32]; 4]) -> [f32; 4] {
-        let n = x.iter().fold(w.len(), |m, r| m.min(r.len()));
-        let wp = w.as_ptr();
+    unsafe fn dot4_impl<S: Src8>(w: S, n: usize, x: [&[f32]; 4]) -> [f32; 4] {
+        let n = x.iter().fold(n, |m, r| m.min(r.len()));
         let xp = x.map(|r| r.as_ptr());
         let mut a0 = [_mm256_setzero_ps(); 4];
         let mut a1 = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i + 16 <= n {
-            let (w0, w1) = (T::load8(wp.add(i)), T::load8(wp.add(i + 8)));
+            let (w0, w1) = (w.load8(i), w.load8(i + 8));
             for k in 0..4 {
                 a0[k] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp[k].add(i)), a0[k]);
                 a1[k] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp[k].add(i + 8)), a1[k]);
@@ -188,7 +231,7 @@ pub(crate) mod x86 {
             i += 16;
         }
         if i + 8 <= n {
-            let w0 = T::load8(wp.add(i));
+            let w0 = w.load8(i);
             for k in 0..4 {
                 a0[k] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp[k].add(i)), a0[k]);
             }
@@ -199,7 +242,7 @@ pub(crate) mod x86 {
             out[k] = hsum(_mm256_add_ps(a0[k], a1[k]));
         }
         while i < n {
-            let wv = w[i].to_f32();
+            let wv = w.get(i);
             for k in 0..4 {
                 out[k] += wv * x[k][i];
             }
@@ -214,17 +257,34 @@ pub(crate) mod x86 {
             /// AVX2, FMA and F16C must be available.
             #[target_feature(enable = "avx2,fma,f16c")]
             pub unsafe fn $name(w: &[$t], x: &[f32]) -> f32 {
-                dot_impl(w, x)
+                dot_impl(w.as_ptr(), w.len(), x)
             }
             /// # Safety
             /// AVX2, FMA and F16C must be available.
             #[target_feature(enable = "avx2,fma,f16c")]
             pub unsafe fn $name4(w: &[$t], x: [&[f32]; 4]) -> [f32; 4] {
-                dot4_impl(w, x)
+                dot4_impl(w.as_ptr(), w.len(), x)
             }
         };
     }
     entry!(dot_f32, dot4_f32, f32);
     entry!(dot_bf16, dot4_bf16, bf16);
     entry!(dot_f16, dot4_f16, f16);
+
+    /// Q8_0 (`d`: one scale per 32 of `q`).
+    /// # Safety
+    /// AVX2, FMA and F16C must be available.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8(q: &[i8], d: &[f16], x: &[f32]) -> f32 {
+        let n = q.len().min(d.len() * crate::tensor::Q8_BLOCK);
+        dot_impl(Q8Src { q: q.as_ptr(), d: d.as_ptr() }, n, x)
+    }
+    /// Q8_0 against four rows of x.
+    /// # Safety
+    /// AVX2, FMA and F16C must be available.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4_q8(q: &[i8], d: &[f16], x: [&[f32]; 4]) -> [f32; 4] {
+        let n = q.len().min(d.len() * crate::tensor::Q8_BLOCK);
+        dot4_impl(Q8Src { q: q.as_ptr(), d: d.as_ptr() }, n, x)
+    }
 }

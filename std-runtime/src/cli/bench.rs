@@ -27,7 +27,7 @@ pub struct BenchArgs {
     /// Synthetic weights of a published shape: 130m, 370m, 790m, 1.4b, 2.8b (instead of --model).
     #[arg(long, conflicts_with = "model")]
     pub shape: Option<String>,
-    /// Weight dtype of the synthetic model: f32, bf16 or f16.
+    /// Weight dtype of the synthetic model: f32, bf16, f16 or q8 (Q8_0 matrices, the rest f32).
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
     /// Batch sizes to measure, e.g. `1,8,32`.
@@ -52,7 +52,8 @@ fn parse_dtype(s: &str) -> Result<DType> {
         "f32" | "float32" => DType::F32,
         "bf16" | "bfloat16" => DType::BF16,
         "f16" | "float16" => DType::F16,
-        other => bail!("--dtype: unknown dtype `{other}` (f32, bf16, f16)"),
+        "q8" | "q8_0" => DType::Q8_0,
+        other => bail!("--dtype: unknown dtype `{other}` (f32, bf16, f16, q8)"),
     })
 }
 

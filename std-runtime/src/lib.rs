@@ -14,10 +14,12 @@ pub mod cpu;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod hub;
 pub mod model;
 pub mod parallel;
+pub mod quantize;
 // The thread pool hands borrowed task functions to its workers.
 pub mod sampling;
 pub mod server;

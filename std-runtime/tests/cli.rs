@@ -276,3 +276,84 @@ fn bench_reports_one_json_line_per_batch_size() {
     assert!(err_text(&["bench", "--shape", "9000b"]).contains("130m"));
     assert!(err_text(&["bench", "-m", &model, "--batch", "0"]).contains("at least 1"));
 }
+
+fn demo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba-demo")
+}
+
+#[test]
+fn perplexity_command_gives_the_demo_models_trained_figure_in_any_window() {
+    let eval: Value =
+        serde_json::from_str(&std::fs::read_to_string(demo().join("eval.json")).unwrap()).unwrap();
+    let want = eval["heldout"]["perplexity_per_token"].as_f64().unwrap();
+    let file = demo().join("heldout.txt");
+    for window in ["512", "100"] {
+        let out = ok_stdout(&["perplexity", "--file", file.to_str().unwrap(), "--window", window, "--json"]);
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["tokens_scored"], 1350);
+        let got = v["perplexity"].as_f64().unwrap();
+        assert!((got / want - 1.0).abs() < 1e-4, "window {window}: perplexity {got} vs trained {want}");
+    }
+    let e = err_text(&["perplexity", "--file", "/nonexistent/text.txt"]);
+    assert!(e.contains("/nonexistent/text.txt"), "{e}");
+}
+
+#[test]
+fn quantize_command_writes_a_q8_model_that_loads_generates_and_keeps_perplexity() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q8");
+    let heldout = demo().join("heldout.txt");
+    let args = ["quantize", "--out", out.to_str().unwrap(), "--eval", heldout.to_str().unwrap(), "--json"];
+    let v: Value = serde_json::from_str(ok_stdout(&args).trim()).unwrap();
+    eprintln!("{v}");
+    // Embedding, in/x/out_proj of 4 layers; the dt_proj rows (12) are not whole blocks.
+    assert_eq!(v["quantized_tensors"], 13);
+    assert_eq!(v["not_quantized_matrices"].as_array().unwrap().len(), 4);
+    assert_eq!(v["eval_tokens"], 1350);
+    let change = v["perplexity_change"].as_f64().unwrap();
+    assert!(change.abs() < 0.005, "perplexity change {change}");
+    assert!(v["top1_agreement"].as_f64().unwrap() > 0.97, "{v}");
+    assert!(v["bytes_out"].as_u64().unwrap() * 10 < v["bytes_in"].as_u64().unwrap() * 6, "{v}");
+    let info: Value =
+        serde_json::from_str(&ok_stdout(&["inspect", "-m", out.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(info["dtype"], "q8_0");
+    let text = ok_stdout(&[
+        "generate",
+        "-m",
+        out.to_str().unwrap(),
+        "--prompt",
+        "And God said",
+        "--max-tokens",
+        "8",
+    ]);
+    assert!(text.starts_with("And God said"), "{text}");
+    // Again into the same place: refused without --force.
+    let e = err_text(&args);
+    assert!(e.contains("--force"), "{e}");
+}
+
+#[test]
+fn q8_checkpoints_with_missing_scales_or_foreign_quantization_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q8");
+    ok_stdout(&["quantize", "--out", out.to_str().unwrap(), "--json"]);
+    let cfg_path = out.join("config.json");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    std::fs::write(&cfg_path, cfg.replace("\"q8_0\"", "\"gptq\"")).unwrap();
+    let e = err_text(&["inspect", "-m", out.to_str().unwrap()]);
+    assert!(e.contains("quant_method") && e.contains("gptq"), "{e}");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    // Drop one scale tensor from the file.
+    let path = out.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let keep: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != "backbone.layers.2.mixer.out_proj.weight_scale")
+        .collect();
+    let data = safetensors::serialize(keep, &None).unwrap();
+    std::fs::write(&path, data).unwrap();
+    let e = err_text(&["inspect", "-m", out.to_str().unwrap()]);
+    assert!(e.contains("backbone.layers.2.mixer.out_proj.weight_scale") && e.contains("missing"), "{e}");
+}

@@ -4,6 +4,7 @@ mod bench;
 mod generate;
 mod inspect;
 mod logits;
+mod quantize;
 mod serve;
 
 use std::path::PathBuf;
@@ -34,6 +35,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(Box<serve::ServeArgs>),
+    /// Write a copy of a model with 8-bit (Q8_0) matrices and report its accuracy.
+    Quantize(quantize::QuantizeArgs),
+    /// Perplexity of a model on a text file.
+    Perplexity(quantize::PerplexityArgs),
 }
 
 /// Options shared by every command that loads a model.
@@ -165,5 +170,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run_cmd(a),
         Command::Serve(a) => serve::run(*a),
+        Command::Quantize(a) => quantize::run_quantize(a),
+        Command::Perplexity(a) => quantize::run_perplexity(a),
     }
 }

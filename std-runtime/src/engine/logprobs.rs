@@ -14,7 +14,7 @@ pub struct TokenLogprob {
 }
 
 /// `log(sum(exp(row)))`, computed stably in f64.
-fn log_sum_exp(row: &[f32]) -> f64 {
+pub fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     if !max.is_finite() {
         return max;

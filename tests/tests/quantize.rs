@@ -1,0 +1,157 @@
+//! Q8_0 checkpoints from `mamba_runtime::quantize` on the transformers
+//! fixtures: they load, run every path exactly as the f32 model over their
+//! dequantized weights would, and stay close to transformers' float64 logits.
+
+use mamba_core::{DType, Sequential, WData};
+use mamba_runtime::config::FileConfig;
+use mamba_runtime::model::{LoadedModel, Q8_SCALE_SUFFIX};
+use mamba_runtime::parallel::RayonParallel;
+use mamba_runtime::quantize::quantize_model;
+use mamba_runtime::session::{LogitsMode, Session};
+use mamba_runtime::weights::TensorStore;
+use mamba_tests::Truth;
+
+/// The fixtures with matrices whose rows are whole 32-weight blocks (the
+/// others are narrower than a block, and nothing of theirs is quantized).
+const CASES: [&str; 3] = ["hf_f32_tied", "hf_f16_k2", "orig_st_bf16"];
+
+fn quantized(case: &str) -> (Truth, tempfile::TempDir, LoadedModel) {
+    let t = Truth::load(case);
+    let src = LoadedModel::load(t.dir_str()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sum = quantize_model(&src, dir.path(), false).unwrap();
+    assert!(sum.quantized >= 2, "{case}: {sum:?}");
+    assert!(sum.bytes_out < sum.bytes_in, "{case}: {sum:?}");
+    let q = LoadedModel::load_dir(dir.path()).unwrap_or_else(|e| panic!("{case}: {e}"));
+    (t, dir, q)
+}
+
+/// The same model with every Q8_0 matrix dequantized to f32 (exact).
+fn dequantized_twin(q: &LoadedModel) -> LoadedModel {
+    let store = q.tensors();
+    let mut tensors = vec![];
+    for name in store.names().filter(|n| !n.ends_with(Q8_SCALE_SUFFIX)) {
+        let t = store.get(name).unwrap();
+        let (dtype, bytes): (DType, Vec<u8>) = if t.dtype == DType::Q8_0 {
+            let scales = store.get(&format!("{name}{Q8_SCALE_SUFFIX}")).unwrap();
+            let (rows, cols) = (t.shape[0], t.shape[1]);
+            let w = mamba_core::Tensor::from_q8_bytes(t.bytes, scales.bytes, rows, cols, "w").unwrap();
+            assert!(matches!(w.data, WData::Q8_0 { .. }));
+            let vals: Vec<f32> = (0..w.len()).map(|i| w.data.get(i)).collect();
+            (DType::F32, bytemuck_bytes(&vals))
+        } else {
+            (t.dtype, t.bytes.to_vec())
+        };
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        for (w, c) in words.iter_mut().zip(bytes.chunks(8)) {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            *w = u64::from_ne_bytes(b);
+        }
+        tensors.push((name.to_string(), dtype, t.shape.to_vec(), words));
+    }
+    let store = TensorStore::from_words(&q.dir, tensors).unwrap();
+    let fc: FileConfig = q.file_config.clone();
+    LoadedModel::from_parts(&q.dir, fc, store).unwrap()
+}
+
+fn bytemuck_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn q8_models_run_exactly_as_their_dequantized_f32_twins_in_prefill_step_and_batches() {
+    let pool = RayonParallel::new(2).unwrap();
+    for case in CASES {
+        let (t, _dir, q) = quantized(case);
+        // The embedding (which says the model's dtype) is quantized when d_model is whole blocks.
+        let want =
+            if t.d_model % 32 == 0 { DType::Q8_0 } else { LoadedModel::load(t.dir_str()).unwrap().dtype };
+        assert_eq!(q.dtype, want, "{case}");
+        let f = dequantized_twin(&q);
+        let seqs: Vec<&[u32]> = t.prompts.iter().map(|p| &p.ids[..]).collect();
+        let slots: Vec<usize> = (0..seqs.len()).collect();
+        for par in [&Sequential as &dyn mamba_core::Parallel, &pool] {
+            let mut a = Session::new(&q, par, seqs.len()).unwrap();
+            let mut b = Session::new(&f, par, seqs.len()).unwrap();
+            // One ragged batch of every prompt, all positions.
+            let (la, lb) = (
+                a.prefill(&seqs, &slots, LogitsMode::All).unwrap(),
+                b.prefill(&seqs, &slots, LogitsMode::All).unwrap(),
+            );
+            for (i, (x, y)) in la.iter().zip(&lb).enumerate() {
+                assert_eq!(bits(x), bits(y), "{case}: prompt {i} prefill");
+            }
+            // Batched steps continuing every sequence.
+            let toks: Vec<u32> = seqs.iter().map(|s| s[0]).collect();
+            for _ in 0..3 {
+                let x = a.step(&toks, &slots).unwrap().to_vec();
+                assert_eq!(bits(&x), bits(b.step(&toks, &slots).unwrap()), "{case}: step");
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_logits_stay_near_transformers_float64_and_the_source_model() {
+    for case in CASES {
+        let (t, _dir, q) = quantized(case);
+        let src = LoadedModel::load(t.dir_str()).unwrap();
+        let v = t.padded_vocab_size;
+        let (mut vs_truth, mut vs_src, mut scale) = (0.0f64, 0.0f64, 0.0f64);
+        let mut agree = (0, 0);
+        for p in &t.prompts {
+            let mut a = Session::new(&q, &Sequential, 1).unwrap();
+            let mut b = Session::new(&src, &Sequential, 1).unwrap();
+            let lq = a.prefill(&[&p.ids], &[0], LogitsMode::All).unwrap().remove(0);
+            let ls = b.prefill(&[&p.ids], &[0], LogitsMode::All).unwrap().remove(0);
+            let want = t.read_f64(&p.logits);
+            for (i, (&x, &w)) in lq.iter().zip(&want).enumerate() {
+                vs_truth = vs_truth.max((x as f64 - w).abs());
+                vs_src = vs_src.max((x - ls[i]).abs() as f64);
+                scale = scale.max(w.abs());
+            }
+            for (rq, rt) in lq.chunks_exact(v).zip(want.chunks_exact(v)) {
+                let top = |r: &[f64]| (0..t.vocab_size).max_by(|&i, &j| r[i].total_cmp(&r[j])).unwrap();
+                let rq: Vec<f64> = rq.iter().map(|&x| x as f64).collect();
+                agree.0 += usize::from(top(&rq) == top(rt));
+                agree.1 += 1;
+            }
+        }
+        eprintln!(
+            "{case}: Q8_0 max |logit diff| {vs_truth:.2e} vs transformers float64, {vs_src:.2e} vs the source \
+             model (logits up to {scale:.2}); top-1 agrees at {}/{} positions",
+            agree.0, agree.1
+        );
+        // 8-bit blocks of these random tiny models: a few percent of the
+        // logit range at worst (the exact kernels are checked above), and
+        // nearly every argmax kept.
+        assert!(vs_truth < 0.04 * scale.max(1.0), "{case}: {vs_truth} against logits up to {scale}");
+        assert!(agree.0 * 10 >= agree.1 * 9, "{case}: top-1 agreement {agree:?}");
+    }
+}
+
+#[test]
+fn quantizing_refuses_to_overwrite_or_to_quantize_twice() {
+    let (t, dir, q) = quantized("hf_f32_tied");
+    let src = LoadedModel::load(t.dir_str()).unwrap();
+    let e = quantize_model(&src, dir.path(), false).unwrap_err().to_string();
+    assert!(e.contains("already holds a model") && e.contains("--force"), "{e}");
+    quantize_model(&src, dir.path(), true).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let e = quantize_model(&q, other.path(), false).unwrap_err().to_string();
+    assert!(e.contains("already Q8_0"), "{e}");
+    let e = quantize_model(&src, &src.dir, true).unwrap_err().to_string();
+    assert!(e.contains("own directory"), "{e}");
+    // The side files travel with it; the config says how it was made.
+    assert!(dir.path().join("generation_config.json").is_file());
+    assert!(dir.path().join("tokenizer.json").is_file());
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["quantization_config"]["quant_method"], "q8_0");
+    assert_eq!(cfg["quantization_config"]["group_size"], 32);
+}

@@ -3,7 +3,8 @@
 //! The portable code keeps eight independent accumulators so the compiler
 //! can vectorise; bf16 and f16 are widened in registers, never copied. On
 //! x86-64 with AVX2/FMA switched on ([`super::simd::enable_avx2`]) the
-//! explicit SIMD kernels run instead.
+//! explicit SIMD kernels run instead; on aarch64 the NEON ones
+//! ([`super::neon`]) always do.
 
 use crate::tensor::{bf16_to_f32, q8_weight, WData, Q8_BLOCK};
 use half::f16;
@@ -28,6 +29,9 @@ pub fn dot(w: WData<'_>, x: &[f32]) -> f32 {
             };
         }
     }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    return super::neon::dot(w, x);
+    #[cfg(not(all(target_arch = "aarch64", target_feature = "neon")))]
     dot_portable(w, x)
 }
 
@@ -48,6 +52,9 @@ pub fn dot4(w: WData<'_>, x: [&[f32]; 4]) -> [f32; 4] {
             };
         }
     }
+    #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+    return super::neon::dot4(w, x);
+    #[cfg(not(all(target_arch = "aarch64", target_feature = "neon")))]
     x.map(|r| dot_portable(w, r))
 }
 

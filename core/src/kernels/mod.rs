@@ -4,11 +4,15 @@
 //! shapes themselves: the backend validates once per call, then dispatches.
 
 pub mod act;
+// Its x86-64 tiles and their constants are unused on other targets.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub mod avx512;
 pub mod conv;
 pub mod dot;
 pub mod embed;
 pub mod linear;
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+pub mod neon;
 pub mod norm;
 pub mod scan;
 pub mod simd;

@@ -1,5 +1,6 @@
 //! The AVX-512 matrix-product tiles against the portable reference. A
 //! separate test binary: switching SIMD on is process-wide.
+#![cfg(target_arch = "x86_64")]
 
 use half::{bf16, f16};
 use mamba_core::kernels::{dot, dot_portable, linear, simd};

@@ -346,7 +346,7 @@ impl<'a> MambaOps for CpuBackend<'a> {
                         lw.d.data,
                         start / n_s,
                         st,
-                        |t, d, v| out.write(t * di + d, v),
+                        |t, d, v| out.part(t * di + d..t * di + d + v.len()).copy_from_slice(v),
                     )
                 });
                 kernels::gate_silu(y, seq.xz, di);

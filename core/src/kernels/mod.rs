@@ -15,6 +15,7 @@ pub mod linear;
 pub mod neon;
 pub mod norm;
 pub mod scan;
+pub mod scan_avx512;
 pub mod simd;
 
 pub use act::{silu, softplus};

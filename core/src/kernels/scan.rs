@@ -7,6 +7,7 @@
 
 use super::act::{exp_fast, silu};
 use super::dot::{lane_sum, LANES};
+use super::scan_avx512;
 use super::simd::multiversion;
 use crate::config::MAX_D_STATE;
 use crate::tensor::WData;
@@ -46,7 +47,9 @@ pub fn selective_scan_seq(
     y: &mut [f32],
 ) {
     let di = rows.d_inner;
-    selective_scan_channels(rows, len, a, d_skip, 0, state, |t, d, v| y[t * di + d] = v);
+    selective_scan_channels(rows, len, a, d_skip, 0, state, |t, d, v| {
+        y[t * di + d..t * di + d + v.len()].copy_from_slice(v)
+    });
     gate_silu(&mut y[..len * di], rows.xz, di);
 }
 
@@ -65,9 +68,9 @@ multiversion! {
 
 multiversion! {
     /// The scan of channels `d0 .. d0 + state.len() / d_state` only (their
-    /// states are a contiguous part of the layer's state), handing each output
-    /// `y[t, d]`, before the gate ([`gate_silu`]), to `write(t, d, value)`:
-    /// threads can take disjoint channel ranges.
+    /// states are a contiguous part of the layer's state), handing the
+    /// outputs `y[t, d..d + v.len()]`, before the gate ([`gate_silu`]), to
+    /// `write(t, d, v)`: threads can take disjoint channel ranges.
     pub fn selective_scan_channels(
         rows: ScanRows<'_>,
         len: usize,
@@ -75,10 +78,25 @@ multiversion! {
         d_skip: WData<'_>,
         d0: usize,
         state: &mut [f32],
-        write: impl FnMut(usize, usize, f32),
+        write: impl FnMut(usize, usize, &[f32]),
     ) {
         let mut write = write;
         let ScanRows { x, dt, dbc, d_inner, d_state: n_s, dt_rank, .. } = rows;
+        if n_s <= LANES {
+            let channels = state.len() / n_s.max(1);
+            let mut k = 0;
+            while k < channels {
+                let n = LANES.min(channels - k);
+                let st = &mut state[k * n_s..(k + n) * n_s];
+                if n == LANES && n_s == LANES {
+                    scan_block::<LANES>(rows, len, a, d_skip, d0 + k, st, &mut write);
+                } else {
+                    scan_block::<0>(rows, len, a, d_skip, d0 + k, st, &mut write);
+                }
+                k += n;
+            }
+            return;
+        }
         let xp = dt_rank + 2 * n_s;
         let mut a_buf = [0.0f32; MAX_D_STATE];
         for (k, h) in state.chunks_exact_mut(n_s).enumerate() {
@@ -91,10 +109,107 @@ multiversion! {
                 let b = &dbc[t * xp + dt_rank..t * xp + dt_rank + n_s];
                 let c = &dbc[t * xp + dt_rank + n_s..t * xp + xp];
                 let acc = update(h, a_row, dtv, dtv * xv, b, c);
-                write(t, d, acc + dd * xv);
+                write(t, d, &[acc + dd * xv]);
             }
         }
     }
+}
+
+/// Up to [`LANES`] channels from `d0` (`state`: their `[n, d_state]`),
+/// `d_state <= LANES`, vectorised over the channels: each state element is
+/// a lane of one of `d_state` vectors carried across the tokens, its
+/// recurrence independent of the others (the per-channel loop waits on one
+/// chain and reduces a register per token). `y = h . C` is added in
+/// [`update`]'s order (`0 + h C` per state, then [`lane_sum`]'s tree), so
+/// both loops, and the decode step, give the same bits. `FULL` is
+/// [`LANES`] when the block is exactly `LANES` channels of `LANES` states
+/// (every published model), so the loops have fixed trip counts.
+#[inline(always)]
+fn scan_block<const FULL: usize>(
+    rows: ScanRows<'_>,
+    len: usize,
+    a: WData<'_>,
+    d_skip: WData<'_>,
+    d0: usize,
+    state: &mut [f32],
+    write: &mut impl FnMut(usize, usize, &[f32]),
+) {
+    let ScanRows { x, dt, dbc, d_inner, d_state, dt_rank, .. } = rows;
+    let n_s = if FULL == LANES { LANES } else { d_state };
+    let nch = if FULL == LANES { LANES } else { state.len() / n_s };
+    let xp = dt_rank + 2 * d_state;
+    // h[n][j], at[n][j]: state n and A of channel d0 + j (lanes past nch stay 0).
+    let mut h = [[0.0f32; LANES]; LANES];
+    let mut at = [[0.0f32; LANES]; LANES];
+    let mut dd = [0.0f32; LANES];
+    for j in 0..nch {
+        for n in 0..n_s {
+            h[n][j] = state[j * n_s + n];
+            at[n][j] = a.get((d0 + j) * n_s + n);
+        }
+        dd[j] = d_skip.get(d0 + j);
+    }
+    let done = FULL == LANES && {
+        let token = |t: usize| {
+            let (o, bc) = (t * d_inner + d0, t * xp + dt_rank);
+            scan_avx512::Token {
+                x: fixed(x, o),
+                dt: fixed(dt, o),
+                b: fixed(dbc, bc),
+                c: fixed(dbc, bc + LANES),
+            }
+        };
+        scan_avx512::block16(len, &mut h, &at, &dd, token, &mut |t, y: &[f32; LANES]| write(t, d0, y))
+    };
+    for t in (0..len).filter(|_| !done) {
+        let (mut xv, mut dtv) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let o = t * d_inner + d0;
+        xv[..nch].copy_from_slice(&x[o..o + nch]);
+        dtv[..nch].copy_from_slice(&dt[o..o + nch]);
+        let bc = &dbc[t * xp + dt_rank..t * xp + xp];
+        let (b, c) = bc.split_at(d_state);
+        let mut dtx = [0.0f32; LANES];
+        for j in 0..LANES {
+            dtx[j] = dtv[j] * xv[j];
+        }
+        // p[n]: state n's term of y, 0 for n past d_state, as update's lanes.
+        let mut p = [[0.0f32; LANES]; LANES];
+        for n in 0..n_s {
+            let (bn, cn) = (b[n], c[n]);
+            for j in 0..LANES {
+                let hv = exp_fast(dtv[j] * at[n][j]) * h[n][j] + dtx[j] * bn;
+                h[n][j] = hv;
+                p[n][j] = 0.0 + hv * cn;
+            }
+        }
+        // lane_sum's tree, across the states.
+        let mut w = LANES;
+        while w > 1 {
+            w /= 2;
+            let (lo, hi) = p.split_at_mut(w);
+            for (pl, ph) in lo.iter_mut().zip(hi.iter()) {
+                for (a, b) in pl.iter_mut().zip(ph) {
+                    *a += b;
+                }
+            }
+        }
+        let mut y = [0.0f32; LANES];
+        for j in 0..LANES {
+            y[j] = p[0][j] + dd[j] * xv[j];
+        }
+        write(t, d0, &y[..nch]);
+    }
+    for j in 0..nch {
+        for n in 0..n_s {
+            state[j * n_s + n] = h[n][j];
+        }
+    }
+}
+
+/// `s[o..o + LANES]` as an array.
+#[inline(always)]
+fn fixed(s: &[f32], o: usize) -> &[f32; LANES] {
+    s[o..o + LANES].try_into().unwrap_or(&[0.0; LANES])
 }
 
 /// Row `d` of A (`[d_inner, d_state]`) as f32: borrowed when stored so.

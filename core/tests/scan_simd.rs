@@ -1,0 +1,95 @@
+//! The prefill scan and the decode step give the same bits in every SIMD
+//! mode (the AVX-512 register block, the compiler-vectorised AVX2 and
+//! portable code). A separate test binary: switching SIMD on is process-wide.
+
+use mamba_core::kernels::{selective_scan_seq, selective_scan_step, ScanRows};
+use mamba_core::WData;
+
+fn values(n: usize, seed: u32, lo: f32, hi: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(2654435761).wrapping_add(7);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            lo + (x as f32 / u32::MAX as f32) * (hi - lo)
+        })
+        .collect()
+}
+
+/// (prefill y, prefill final state, step y, step final state) as bits.
+fn run(n_s: usize, di: usize, len: usize) -> [Vec<u32>; 4] {
+    let (r, xp) = (3, 3 + 2 * n_s);
+    let (x, dt) = (values(len * di, 1, -2.0, 2.0), values(len * di, 2, 0.001, 0.6));
+    let (dbc, xz) = (values(len * xp, 3, -1.0, 1.0), values(len * 2 * di, 4, -3.0, 3.0));
+    let (a, d, h0) =
+        (values(di * n_s, 5, -6.0, -0.1), values(di, 6, 0.5, 1.5), values(di * n_s, 7, -1.0, 1.0));
+    let rows = ScanRows { x: &x, dt: &dt, dbc: &dbc, xz: &xz, d_inner: di, d_state: n_s, dt_rank: r };
+    let (aw, dw) = (WData::F32(&a), WData::F32(&d));
+    let (mut hp, mut y) = (h0.clone(), vec![0.0f32; len * di]);
+    selective_scan_seq(rows, len, aw, dw, &mut hp, &mut y);
+    let (mut hs, mut ys) = (h0, vec![0.0f32; len * di]);
+    for t in 0..len {
+        let one = ScanRows {
+            x: &x[t * di..(t + 1) * di],
+            dt: &dt[t * di..(t + 1) * di],
+            dbc: &dbc[t * xp..(t + 1) * xp],
+            xz: &xz[t * 2 * di..(t + 1) * 2 * di],
+            ..rows
+        };
+        // Channels in two pieces, the second from an offset, as threads split them.
+        let cut = di / 2;
+        let (s0, s1) = hs.split_at_mut(cut * n_s);
+        let (y0, y1) = ys[t * di..(t + 1) * di].split_at_mut(cut);
+        selective_scan_step(one, aw, dw, 0, s0, y0);
+        selective_scan_step(one, aw, dw, cut, s1, y1);
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    [bits(&y), bits(&hp), bits(&ys), bits(&hs)]
+}
+
+#[test]
+fn scan_bits_are_the_same_in_every_mode_and_in_the_step() {
+    // (d_state, d_inner, tokens): whole blocks of 16, a partial block, other d_state.
+    let shapes = [(16, 16, 9), (16, 37, 5), (16, 64, 3), (8, 20, 4), (1, 3, 2), (4, 17, 3), (17, 5, 3)];
+    let portable: Vec<[Vec<u32>; 4]> = shapes.iter().map(|&(n, d, l)| run(n, d, l)).collect();
+    for (r, s) in portable.iter().zip(&shapes) {
+        assert_eq!(r[0], r[2], "portable prefill y vs step {s:?}");
+        assert_eq!(r[1], r[3], "portable prefill state vs step {s:?}");
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use mamba_core::kernels::simd;
+        let avx2 = std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c");
+        if !avx2 {
+            eprintln!("skipped the AVX2 and AVX-512 modes: this CPU lacks AVX2/FMA/F16C");
+            return;
+        }
+        // SAFETY: checked just above.
+        #[allow(unsafe_code)]
+        unsafe {
+            simd::enable_avx2()
+        };
+        for (r, &(n, d, l)) in portable.iter().zip(&shapes) {
+            assert_eq!(&run(n, d, l), r, "avx2 {:?}", (n, d, l));
+        }
+        let avx512 = std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl");
+        if !avx512 {
+            eprintln!("skipped the AVX-512 mode: this CPU lacks AVX-512 F/BW/VL");
+            return;
+        }
+        // SAFETY: checked just above.
+        #[allow(unsafe_code)]
+        unsafe {
+            simd::enable_avx512()
+        };
+        for (r, &(n, d, l)) in portable.iter().zip(&shapes) {
+            assert_eq!(&run(n, d, l), r, "avx512 {:?}", (n, d, l));
+        }
+        simd::disable_avx512();
+    }
+}

@@ -2,6 +2,8 @@
 //! dequantized weights (each `q * d` is exact in f32), in every SIMD mode.
 //! A separate test binary: switching SIMD on is process-wide.
 
+mod common;
+
 use half::f16;
 use mamba_core::kernels::{dot, dot4, dot_portable, linear};
 use mamba_core::{CoreError, Tensor, WData, Q8_BLOCK};
@@ -62,38 +64,7 @@ fn check_mode(mode: &str) {
 #[test]
 fn q8_products_equal_the_dequantized_f32_products_in_every_mode() {
     // On aarch64, `dot` and `linear` always run the NEON kernels.
-    check_mode(if cfg!(target_arch = "aarch64") { "neon" } else { "portable" });
-    #[cfg(target_arch = "x86_64")]
-    {
-        use mamba_core::kernels::simd;
-        let avx2 = std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c");
-        if !avx2 {
-            eprintln!("skipped the AVX2 and AVX-512 modes: this CPU lacks AVX2/FMA/F16C");
-            return;
-        }
-        // SAFETY: checked just above.
-        #[allow(unsafe_code)]
-        unsafe {
-            simd::enable_avx2()
-        };
-        check_mode("avx2");
-        let avx512 = std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vl");
-        if !avx512 {
-            eprintln!("skipped the AVX-512 mode: this CPU lacks AVX-512 F/BW/VL");
-            return;
-        }
-        // SAFETY: checked just above.
-        #[allow(unsafe_code)]
-        unsafe {
-            simd::enable_avx512()
-        };
-        check_mode("avx512");
-        simd::disable_avx512();
-    }
+    common::in_every_mode(check_mode);
 }
 
 #[test]

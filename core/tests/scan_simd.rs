@@ -2,6 +2,8 @@
 //! mode (the AVX-512 register block, the compiler-vectorised AVX2 and
 //! portable code). A separate test binary: switching SIMD on is process-wide.
 
+mod common;
+
 use mamba_core::kernels::{selective_scan_seq, selective_scan_step, ScanRows};
 use mamba_core::WData;
 
@@ -52,44 +54,16 @@ fn run(n_s: usize, di: usize, len: usize) -> [Vec<u32>; 4] {
 fn scan_bits_are_the_same_in_every_mode_and_in_the_step() {
     // (d_state, d_inner, tokens): whole blocks of 16, a partial block, other d_state.
     let shapes = [(16, 16, 9), (16, 37, 5), (16, 64, 3), (8, 20, 4), (1, 3, 2), (4, 17, 3), (17, 5, 3)];
-    let portable: Vec<[Vec<u32>; 4]> = shapes.iter().map(|&(n, d, l)| run(n, d, l)).collect();
-    for (r, s) in portable.iter().zip(&shapes) {
-        assert_eq!(r[0], r[2], "portable prefill y vs step {s:?}");
-        assert_eq!(r[1], r[3], "portable prefill state vs step {s:?}");
-    }
-    #[cfg(target_arch = "x86_64")]
-    {
-        use mamba_core::kernels::simd;
-        let avx2 = std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c");
-        if !avx2 {
-            eprintln!("skipped the AVX2 and AVX-512 modes: this CPU lacks AVX2/FMA/F16C");
-            return;
+    let mut first: Option<Vec<[Vec<u32>; 4]>> = None;
+    common::in_every_mode(|mode| {
+        let got: Vec<[Vec<u32>; 4]> = shapes.iter().map(|&(n, d, l)| run(n, d, l)).collect();
+        for (r, s) in got.iter().zip(&shapes) {
+            assert_eq!(r[0], r[2], "{mode}: prefill y vs step {s:?}");
+            assert_eq!(r[1], r[3], "{mode}: prefill state vs step {s:?}");
         }
-        // SAFETY: checked just above.
-        #[allow(unsafe_code)]
-        unsafe {
-            simd::enable_avx2()
-        };
-        for (r, &(n, d, l)) in portable.iter().zip(&shapes) {
-            assert_eq!(&run(n, d, l), r, "avx2 {:?}", (n, d, l));
+        match &first {
+            Some(want) => assert!(&got == want, "{mode} differs from the first mode"),
+            None => first = Some(got),
         }
-        let avx512 = std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vl");
-        if !avx512 {
-            eprintln!("skipped the AVX-512 mode: this CPU lacks AVX-512 F/BW/VL");
-            return;
-        }
-        // SAFETY: checked just above.
-        #[allow(unsafe_code)]
-        unsafe {
-            simd::enable_avx512()
-        };
-        for (r, &(n, d, l)) in portable.iter().zip(&shapes) {
-            assert_eq!(&run(n, d, l), r, "avx512 {:?}", (n, d, l));
-        }
-        simd::disable_avx512();
-    }
+    });
 }

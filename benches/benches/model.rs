@@ -24,7 +24,7 @@ fn bench_model(c: &mut Criterion) {
         [("seq".into(), &Sequential), (format!("rayon{}", rayon.threads()), &rayon)];
     let mut rng = Rng::new(1);
     let prompt: Vec<u32> = (0..PROMPT).map(|_| (rng.next_u64() % s.vocab_size as u64) as u32).collect();
-    for dtype in [DType::F32, DType::BF16] {
+    for dtype in [DType::F32, DType::BF16, DType::Q8_0] {
         let model = synthetic_model(s, dtype, 0).expect("synthetic model");
         for (backend, par) in &backends {
             let id = |phase: &str| BenchmarkId::new(phase, format!("{}/{backend}", dtype.name()));

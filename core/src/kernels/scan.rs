@@ -271,15 +271,27 @@ multiversion! {
         let ScanRows { x, dt, dbc, xz, d_inner, d_state: n_s, dt_rank } = rows;
         let b = &dbc[dt_rank..dt_rank + n_s];
         let c = &dbc[dt_rank + n_s..dt_rank + 2 * n_s];
+        let n = y.len();
+        let done = match (a, n_s) {
+            (WData::F32(av), LANES) => scan_avx512::step16(
+                state,
+                &av[d0 * LANES..(d0 + n) * LANES],
+                &x[d0..d0 + n],
+                &dt[d0..d0 + n],
+                fixed(b, 0),
+                fixed(c, 0),
+                y,
+            ),
+            _ => false,
+        };
         let mut a_buf = [0.0f32; MAX_D_STATE];
-        for (k, (h, yv)) in state.chunks_exact_mut(n_s).zip(y.iter_mut()).enumerate() {
+        for (k, (h, yv)) in state.chunks_exact_mut(n_s).zip(y.iter_mut()).enumerate().filter(|_| !done) {
             let d = d0 + k;
             let (xv, dtv) = (x[d], dt[d]);
             let a_row = a_row(a, d, n_s, &mut a_buf);
             *yv = update(h, a_row, dtv, dtv * xv, b, c);
         }
         // D skip and gate as separate passes over the channels: they vectorise.
-        let n = y.len();
         let (x, z) = (&x[d0..d0 + n], &xz[d_inner + d0..d_inner + d0 + n]);
         match d_skip {
             WData::F32(dd) => skip(y, x, &dd[d0..d0 + n], |v| v),

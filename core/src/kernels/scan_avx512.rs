@@ -1,12 +1,16 @@
-//! The prefill scan of a block of 16 channels of 16 states in AVX-512
-//! registers (every published Mamba-1 has `d_state` 16), chosen at run time
-//! with the tiles ([`super::simd::avx512_enabled`]).
+//! The selective scan with 16 states a channel (every published Mamba-1)
+//! in AVX-512 registers, chosen at run time with the tiles
+//! ([`super::simd::avx512_enabled`]):
+//! - [`block16`], the prefill: 16 channels' states as 16 registers carried
+//!   across the tokens (compilers left to vectorise that loop spill them on
+//!   every token);
+//! - [`step16`], the decode step: `h . C` of 16 channels reduced together,
+//!   across registers, instead of one horizontal sum each.
 //!
-//! The same arithmetic as [`super::scan`]'s `scan_block`, operation for
-//! operation (separate multiplies and adds, never fused; [`exp16`] is
-//! [`super::act::exp_fast`] on 16 lanes), so it gives the same bits as the
-//! portable code and the decode step: compilers left to vectorise that
-//! loop spill its sixteen state vectors on every token.
+//! Both do [`super::scan`]'s arithmetic operation for operation (separate
+//! multiplies and adds, never fused; [`x86::exp16`] is
+//! [`super::act::exp_fast`] on 16 lanes; the reduction is `lane_sum`'s
+//! tree), so they give the same bits as the portable code and each other.
 #![allow(unsafe_code)]
 
 /// Channels per block, and states per channel.
@@ -43,6 +47,36 @@ pub fn block16<'a>(
     false
 }
 
+/// One token through channels with 16 states each (`h`: their states
+/// `[n, 16]`; `a`: their rows of A `[n, 16]`; `x`, `dt`: their inputs `[n]`;
+/// `b`, `c`: the token's B and C): `y[k] = h_k . C`, before D and the gate,
+/// in [`super::scan`]'s order. Sixteen channels' `h . C` are reduced together,
+/// across registers, instead of one register each. Returns `false`, doing
+/// nothing, when the AVX-512 kernels are off.
+pub fn step16(
+    h: &mut [f32],
+    a: &[f32],
+    x: &[f32],
+    dt: &[f32],
+    b: &[f32; N],
+    c: &[f32; N],
+    y: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::avx512_enabled() {
+        let n = y.len();
+        assert!(
+            h.len() >= n * N && a.len() >= n * N && x.len() >= n && dt.len() >= n,
+            "step16: short operands"
+        );
+        // SAFETY: lengths checked just above; enable_avx512's contract gives the features.
+        unsafe { x86::step16(h, a, x, dt, b, c, y) };
+        return true;
+    }
+    let _ = (h, a, x, dt, b, c, y);
+    false
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Token, N};
@@ -51,7 +85,7 @@ mod x86 {
     /// [`crate::kernels::act::exp_fast`], lane-wise, the same operations in
     /// the same order.
     #[inline(always)]
-    unsafe fn exp16(x: __m512) -> __m512 {
+    pub(super) unsafe fn exp16(x: __m512) -> __m512 {
         const LOG2E: f32 = core::f32::consts::LOG2_E;
         const LN2_HI: f32 = 0.693_145_75;
         const LN2_LO: f32 = 1.428_606_8e-6;
@@ -67,6 +101,79 @@ mod x86 {
         p = _mm512_add_ps(s(1.0), p);
         let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)));
         _mm512_mul_ps(p, _mm512_castsi512_ps(e))
+    }
+
+    /// `lane_sum` of each of 16 registers (one per channel), as one register
+    /// whose lane `k` is channel `k`'s sum: the same adds in the same tree
+    /// (lanes `j` and `j + w` for w = 8, 4, 2, 1), two channels' halves
+    /// side by side in each add.
+    #[inline(always)]
+    unsafe fn lane_sums16(p: [__m512; N]) -> __m512 {
+        // w = 8: [a0..8 | b0..8] + [a8..16 | b8..16], channel pairs (2i, 2i+1).
+        let s: [__m512; 8] = core::array::from_fn(|i| {
+            let (a, b) = (p[2 * i], p[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+            )
+        });
+        // w = 4: s[i] holds 128-bit groups [c0 lo, c0 hi, c1 lo, c1 hi].
+        let t: [__m512; 4] = core::array::from_fn(|i| {
+            let (a, b) = (s[2 * i], s[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+            )
+        });
+        // t[i]: 128-bit group g is channel 4i + g's four partial sums.
+        // w = 2 and w = 1 within each group, two registers at a time.
+        let r: [__m512; 2] = core::array::from_fn(|i| {
+            let (a, b) = (t[2 * i], t[2 * i + 1]);
+            _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(a, b), _mm512_shuffle_ps::<0b11_10_11_10>(a, b))
+        });
+        // r[i], group g: [ch 4(2i)+g: 2 sums, ch 4(2i+1)+g: 2 sums].
+        let v = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b10_00_10_00>(r[0], r[1]),
+            _mm512_shuffle_ps::<0b11_01_11_01>(r[0], r[1]),
+        );
+        // v, group g: channels [g, 4 + g, 8 + g, 12 + g]; put channel k in lane k.
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(order, v)
+    }
+
+    /// # Safety
+    /// AVX-512 F/BW/VL are available; `h`, `a` hold `y.len() * 16` values,
+    /// `x`, `dt` at least `y.len()`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn step16(
+        h: &mut [f32],
+        a: &[f32],
+        x: &[f32],
+        dt: &[f32],
+        b: &[f32; N],
+        c: &[f32; N],
+        y: &mut [f32],
+    ) {
+        let (bv, cv) = (_mm512_loadu_ps(b.as_ptr()), _mm512_loadu_ps(c.as_ptr()));
+        let n = y.len();
+        let mut k0 = 0;
+        while k0 < n {
+            let m = (n - k0).min(N);
+            let mut p = [_mm512_setzero_ps(); N];
+            for (j, pj) in p.iter_mut().enumerate().take(m) {
+                let k = k0 + j;
+                let (dtv, xv) = (*dt.get_unchecked(k), *x.get_unchecked(k));
+                let hp = h.as_mut_ptr().add(k * N);
+                let e = exp16(_mm512_mul_ps(_mm512_set1_ps(dtv), _mm512_loadu_ps(a.as_ptr().add(k * N))));
+                let dtx = _mm512_set1_ps(dtv * xv);
+                let v = _mm512_add_ps(_mm512_mul_ps(e, _mm512_loadu_ps(hp)), _mm512_mul_ps(dtx, bv));
+                _mm512_storeu_ps(hp, v);
+                *pj = _mm512_add_ps(_mm512_setzero_ps(), _mm512_mul_ps(v, cv));
+            }
+            let sums = lane_sums16(p);
+            _mm512_mask_storeu_ps(y.as_mut_ptr().add(k0), ((1u32 << m) - 1) as __mmask16, sums);
+            k0 += m;
+        }
     }
 
     /// # Safety

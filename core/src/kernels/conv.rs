@@ -18,7 +18,7 @@ multiversion! {
     /// `state`: `[d_inner, K]`, read as the history before the first token and
     /// left holding the last `K` inputs; `out`: `[len, d_inner]`, SiLU applied.
     ///
-    /// Blocks of [`LANES`] channels go through all tokens at once, the taps
+    /// Blocks of 16 channels (one f32 vector register) go through all tokens at once, the taps
     /// and the window of the last `K` inputs held per block, so the work per
     /// token is a few vector operations.
     #[allow(clippy::too_many_arguments)]

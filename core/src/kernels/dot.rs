@@ -4,7 +4,7 @@
 //! can vectorise; bf16 and f16 are widened in registers, never copied. On
 //! x86-64 with AVX2/FMA switched on ([`super::simd::enable_avx2`]) the
 //! explicit SIMD kernels run instead; on aarch64 the NEON ones
-//! ([`super::neon`]) always do.
+//! (`kernels::neon`) always do.
 
 use crate::tensor::{bf16_to_f32, q8_weight, WData, Q8_BLOCK};
 use half::f16;

@@ -8,7 +8,7 @@
 //!   across registers, instead of one horizontal sum each.
 //!
 //! Both do [`super::scan`]'s arithmetic operation for operation (separate
-//! multiplies and adds, never fused; [`x86::exp16`] is
+//! multiplies and adds, never fused; their `exp16` is
 //! [`super::act::exp_fast`] on 16 lanes; the reduction is `lane_sum`'s
 //! tree), so they give the same bits as the portable code and each other.
 #![allow(unsafe_code)]

@@ -3,7 +3,7 @@
 //! The core cannot detect CPU features without `std`, so the caller that
 //! can (the std runtime, with `is_x86_feature_detected!`) switches them on
 //! once through [`enable_avx2`]. Until then, and on every other target, the
-//! portable kernels in [`super::dot`] run; they stay the reference the tests
+//! portable kernels in [`mod@super::dot`] run; they stay the reference the tests
 //! compare against.
 #![allow(unsafe_code)]
 

@@ -123,18 +123,6 @@ impl<'b> Disjoint<'b> {
         Disjoint { ptr: buf.as_mut_ptr(), len: buf.len(), _buf: PhantomData }
     }
 
-    #[inline(always)]
-    fn write(&self, i: usize, v: f32) {
-        assert!(i < self.len, "disjoint write out of bounds");
-        // SAFETY: in bounds (checked), and no two tasks write the same
-        // index (the split makes them disjoint); the buffer is exclusively
-        // borrowed for the writer's life.
-        #[allow(unsafe_code)]
-        unsafe {
-            self.ptr.add(i).write(v)
-        };
-    }
-
     /// Values `r` as a slice. The caller's split must give no other task an
     /// overlapping range while the slice lives (checked by the callers'
     /// construction: distinct slots, disjoint channel ranges).
@@ -210,7 +198,9 @@ impl<'a> MambaOps for CpuBackend<'a> {
         let out = Disjoint::new(out);
         self.par.for_each_task(n_out.div_ceil(chunk), &|i| {
             let f = (i * chunk, ((i + 1) * chunk).min(n_out));
-            kernels::linear(x, rows, w, bias, f, |t, o, v| out.write(t * n_out + o, v))
+            kernels::linear(x, rows, w, bias, f, |t, o, v| {
+                out.part(t * n_out + o..t * n_out + o + v.len()).copy_from_slice(v)
+            })
         });
         Ok(())
     }

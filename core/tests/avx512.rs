@@ -23,7 +23,7 @@ fn have_avx512() -> bool {
 fn product(x: &[f32], rows: usize, w: &Tensor<'_>, b: Option<&Tensor<'_>>, f: (usize, usize)) -> Vec<f32> {
     let n = w.rows;
     let mut out = vec![f32::NAN; rows * n];
-    linear(x, rows, w, b, f, |t, o, v| out[t * n + o] = v);
+    linear(x, rows, w, b, f, |t, o, v| out[t * n + o..t * n + o + v.len()].copy_from_slice(v));
     out
 }
 

@@ -74,7 +74,7 @@ fn q8_linear_equals_the_dequantized_f32_linear_bitwise() {
     let product = |x: &[f32], rows: usize, w: &Tensor<'_>| {
         let n = w.rows;
         let mut out = vec![f32::NAN; rows * n];
-        linear(x, rows, w, None, (0, n), |t, o, v| out[t * n + o] = v);
+        linear(x, rows, w, None, (0, n), |t, o, v| out[t * n + o..t * n + o + v.len()].copy_from_slice(v));
         out
     };
     for k in [32, 64, 96, 768] {

@@ -24,7 +24,7 @@ fn q8(n: usize) -> (Vec<i8>, Vec<f16>) {
 fn product(x: &[f32], rows: usize, w: &Tensor<'_>, f: (usize, usize)) -> Vec<f32> {
     let n = w.rows;
     let mut out = vec![f32::NAN; rows * n];
-    linear(x, rows, w, None, f, |t, o, v| out[t * n + o] = v);
+    linear(x, rows, w, None, f, |t, o, v| out[t * n + o..t * n + o + v.len()].copy_from_slice(v));
     out
 }
 

@@ -24,7 +24,7 @@ const TILE_T: usize = 4;
 /// Bytes of weight rows kept hot (in L2) while every token block passes over them.
 const PANEL_BYTES: usize = 192 * 1024;
 
-/// `store(t, o, x[t] . w[o] + bias[o])` for features `f0..f1` and all `rows`
+/// `store(t, o, &[x[t] . w[o] + bias[o], ...])` (runs of consecutive features) for features `f0..f1` and all `rows`
 /// rows of `x` (`[rows, k]`, `k = w.cols`). Returns `false`, doing nothing,
 /// when the AVX-512 kernels are not switched on.
 pub fn linear(
@@ -33,7 +33,7 @@ pub fn linear(
     w: &Tensor<'_>,
     bias: Option<&Tensor<'_>>,
     (f0, f1): (usize, usize),
-    store: &mut impl FnMut(usize, usize, f32),
+    store: &mut impl FnMut(usize, usize, &[f32]),
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if super::simd::avx512_enabled() {
@@ -91,7 +91,7 @@ fn blocked<W: x86::Rows16>(
     w: W,
     esize: usize,
     (k, x, rows, bias, (f0, f1)): Operands<'_, '_, '_>,
-    store: &mut impl FnMut(usize, usize, f32),
+    store: &mut impl FnMut(usize, usize, &[f32]),
 ) {
     let b = |o: usize| bias.map_or(0.0, |b| b.data.get(o));
     if rows == 1 {
@@ -105,9 +105,10 @@ fn blocked<W: x86::Rows16>(
             // SAFETY: rows o..o+n are in bounds (asserted above);
             // enable_avx512's contract gives the CPU features.
             unsafe { x86::gemv(w, k, o, x, &mut buf[..n]) };
-            for (i, &v) in buf[..n].iter().enumerate() {
-                store(0, o + i, v + b(o + i));
+            for (i, v) in buf[..n].iter_mut().enumerate() {
+                *v += b(o + i);
             }
+            store(0, o, &buf[..n]);
             o += n;
         }
         return;
@@ -137,10 +138,11 @@ fn blocked<W: x86::Rows16>(
                 // SAFETY: features and rows are in bounds (asserted above);
                 // enable_avx512's contract gives the CPU features.
                 let tile = unsafe { x86::tile_dyn(w, k, o, nr, x, t0, nt) };
-                for (r, vals) in tile.iter().enumerate().take(nr) {
-                    for (j, &v) in vals.iter().enumerate().take(nt) {
-                        store(t0 + j, o + r, v + b(o + r));
-                    }
+                let bias: [f32; TILE_R] = core::array::from_fn(|r| if r < nr { b(o + r) } else { 0.0 });
+                for (j, t) in (t0..t0 + nt).enumerate() {
+                    // Token t's nr consecutive features, stored at once.
+                    let vals: [f32; TILE_R] = core::array::from_fn(|r| tile[r][j] + bias[r]);
+                    store(t, o, &vals[..nr]);
                 }
                 o += nr;
             }

@@ -8,7 +8,8 @@ use super::{
 use crate::tensor::Tensor;
 
 /// Output features `f0..f1` for `rows` rows of `x` (`[rows, in]`):
-/// `store(t, o, dot(w[o], x[t]) + bias[o])`.
+/// `store(t, o, v)` hands token `t`'s features `o..o + v.len()`, each
+/// `dot(w[o], x[t]) + bias[o]` (runs of one or a few consecutive features).
 ///
 /// With AVX-512 the product runs in register tiles over panels of weight
 /// rows ([`super::avx512`]). Otherwise features are the outer loop so each
@@ -20,7 +21,7 @@ pub fn linear(
     w: &Tensor<'_>,
     bias: Option<&Tensor<'_>>,
     (f0, f1): (usize, usize),
-    mut store: impl FnMut(usize, usize, f32),
+    mut store: impl FnMut(usize, usize, &[f32]),
 ) {
     if super::avx512::linear(x, rows, w, bias, (f0, f1), &mut store) {
         return;
@@ -35,12 +36,12 @@ pub fn linear(
         while t + 4 <= rows {
             let d = dot4(wr, [xr(t), xr(t + 1), xr(t + 2), xr(t + 3)]);
             for (j, v) in d.into_iter().enumerate() {
-                store(t + j, o, v + b);
+                store(t + j, o, &[v + b]);
             }
             t += 4;
         }
         for t in t..rows {
-            store(t, o, dot(wr, xr(t)) + b);
+            store(t, o, &[dot(wr, xr(t)) + b]);
         }
     }
 }
@@ -75,7 +76,7 @@ multiversion! {
                     packed[t * r..(t + 1) * r].copy_from_slice(&dbc[row..row + r]);
                 }
                 linear(&packed[..n * r], n, dt_proj, Some(dt_bias), (0, d_inner), |t, d, v| {
-                    out[t * d_inner + d] = v
+                    out[t * d_inner + d..t * d_inner + d + v.len()].copy_from_slice(v)
                 });
             } else {
                 let dt_in = &dbc[t0 * dbc_stride..t0 * dbc_stride + r];

@@ -199,7 +199,7 @@ impl<'a> MambaOps for CpuBackend<'a> {
         self.par.for_each_task(n_out.div_ceil(chunk), &|i| {
             let f = (i * chunk, ((i + 1) * chunk).min(n_out));
             kernels::linear(x, rows, w, bias, f, |t, o, v| {
-                out.part(t * n_out + o..t * n_out + o + v.len()).copy_from_slice(v)
+                kernels::copy_run(out.part(t * n_out + o..t * n_out + o + v.len()), v)
             })
         });
         Ok(())
@@ -336,7 +336,7 @@ impl<'a> MambaOps for CpuBackend<'a> {
                         lw.d.data,
                         start / n_s,
                         st,
-                        |t, d, v| out.part(t * di + d..t * di + d + v.len()).copy_from_slice(v),
+                        |t, d, v| kernels::copy_run(out.part(t * di + d..t * di + d + v.len()), v),
                     )
                 });
                 kernels::gate_silu(y, seq.xz, di);

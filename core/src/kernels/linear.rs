@@ -76,7 +76,7 @@ multiversion! {
                     packed[t * r..(t + 1) * r].copy_from_slice(&dbc[row..row + r]);
                 }
                 linear(&packed[..n * r], n, dt_proj, Some(dt_bias), (0, d_inner), |t, d, v| {
-                    out[t * d_inner + d..t * d_inner + d + v.len()].copy_from_slice(v)
+                    super::copy_run(&mut out[t * d_inner + d..], v)
                 });
             } else {
                 let dt_in = &dbc[t0 * dbc_stride..t0 * dbc_stride + r];

@@ -19,6 +19,26 @@ pub mod scan_avx512;
 pub mod simd;
 
 pub use act::{silu, softplus};
+
+/// `dst[..src.len()] = src` for the short runs the products and the scan
+/// hand out (3, 16 or 64 values, or 1): fixed-size copies for those, which
+/// compile to a few moves where a general copy is a call to memmove.
+#[inline(always)]
+pub fn copy_run(dst: &mut [f32], src: &[f32]) {
+    fn fixed<const N: usize>(dst: &mut [f32], src: &[f32]) -> bool {
+        let n = src.len().min(dst.len());
+        match (<&mut [f32; N]>::try_from(&mut dst[..n]), <&[f32; N]>::try_from(src)) {
+            (Ok(d), Ok(s)) => {
+                *d = *s;
+                true
+            }
+            _ => false,
+        }
+    }
+    if !(fixed::<1>(dst, src) || fixed::<3>(dst, src) || fixed::<16>(dst, src) || fixed::<64>(dst, src)) {
+        dst[..src.len()].copy_from_slice(src);
+    }
+}
 pub use conv::{conv1d_seq, conv1d_step};
 pub use dot::{dot, dot4, dot_portable};
 pub use embed::embed_rows;
@@ -27,3 +47,17 @@ pub use norm::rms_norm;
 pub use scan::{
     a_from_a_log, gate_silu, selective_scan_channels, selective_scan_seq, selective_scan_step, ScanRows,
 };
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn copy_run_copies_every_length_into_a_longer_destination() {
+        for n in [0, 1, 2, 3, 4, 15, 16, 17, 63, 64, 65] {
+            let src: [f32; 70] = core::array::from_fn(|i| i as f32 + 0.5);
+            let mut dst = [-1.0f32; 70];
+            super::copy_run(&mut dst[2..], &src[..n]);
+            assert_eq!(&dst[2..2 + n], &src[..n], "length {n}");
+            assert!(dst[..2].iter().chain(&dst[2 + n..]).all(|&v| v == -1.0), "length {n}: wrote outside");
+        }
+    }
+}

@@ -48,7 +48,7 @@ pub fn selective_scan_seq(
 ) {
     let di = rows.d_inner;
     selective_scan_channels(rows, len, a, d_skip, 0, state, |t, d, v| {
-        y[t * di + d..t * di + d + v.len()].copy_from_slice(v)
+        super::copy_run(&mut y[t * di + d..], v)
     });
     gate_silu(&mut y[..len * di], rows.xz, di);
 }

@@ -21,6 +21,7 @@ use std::sync::{Mutex, OnceLock};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 
 use crate::error::{CudaError, Result};
+use crate::plan;
 use crate::probe::{self, Lib};
 
 const COMMON: &str = include_str!("../kernels/common.cuh");
@@ -64,63 +65,34 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     },
 ];
 
-const SCAN_FUNCTIONS: &[&str] = &[
-    "selective_scan_1",
-    "selective_scan_2",
-    "selective_scan_3",
-    "selective_scan_4",
-    "selective_scan_5",
-    "selective_scan_6",
-    "selective_scan_7",
-    "selective_scan_8",
-    "scan_chunk_end_1",
-    "scan_chunk_end_2",
-    "scan_chunk_end_3",
-    "scan_chunk_end_4",
-    "scan_chunk_end_5",
-    "scan_chunk_end_6",
-    "scan_chunk_end_7",
-    "scan_chunk_end_8",
-    "scan_chunk_y_1",
-    "scan_chunk_y_2",
-    "scan_chunk_y_3",
-    "scan_chunk_y_4",
-    "scan_chunk_y_5",
-    "scan_chunk_y_6",
-    "scan_chunk_y_7",
-    "scan_chunk_y_8",
-    "chunk_carry",
-];
+/// The names of `parts`, in order, as one array: the launch plans'
+/// kernel families are listed once, in [`crate::plan`]. `N` must be their
+/// count (a mismatch fails to compile).
+const fn join<const N: usize>(parts: &[&[&'static str]]) -> [&'static str; N] {
+    let mut out = [""; N];
+    let (mut k, mut i) = (0, 0);
+    while i < parts.len() {
+        let mut j = 0;
+        while j < parts[i].len() {
+            out[k] = parts[i][j];
+            k += 1;
+            j += 1;
+        }
+        i += 1;
+    }
+    assert!(k == N, "join: N is not the number of names");
+    out
+}
 
-const LINEAR_FUNCTIONS: &[&str] = &[
-    "split_bf16",
-    "split_f16",
-    "combine_parts",
-    "gemv_f32_1",
-    "gemv_f32_2",
-    "gemv_f32_3",
-    "gemv_f32_4",
-    "gemv_f32_5",
-    "gemv_f32_6",
-    "gemv_f32_7",
-    "gemv_f32_8",
-    "gemv_f16_1",
-    "gemv_f16_2",
-    "gemv_f16_3",
-    "gemv_f16_4",
-    "gemv_f16_5",
-    "gemv_f16_6",
-    "gemv_f16_7",
-    "gemv_f16_8",
-    "gemv_bf16_1",
-    "gemv_bf16_2",
-    "gemv_bf16_3",
-    "gemv_bf16_4",
-    "gemv_bf16_5",
-    "gemv_bf16_6",
-    "gemv_bf16_7",
-    "gemv_bf16_8",
-];
+const SCAN_FUNCTIONS: &[&str] =
+    &join::<25>(&[&plan::SCAN_KERNELS, &plan::CHUNK_END, &plan::CHUNK_Y, &["chunk_carry"]]);
+
+const LINEAR_FUNCTIONS: &[&str] = &join::<27>(&[
+    &["split_bf16", "split_f16", "combine_parts"],
+    &plan::GEMV_F32,
+    &plan::GEMV_F16,
+    &plan::GEMV_BF16,
+]);
 
 /// The C type of one kernel parameter, as the launch code must pass it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

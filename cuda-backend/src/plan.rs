@@ -68,7 +68,7 @@ pub fn add_assign(acc: u64, x: u64, len: usize) -> Launch {
 /// Most rows the decode kernel takes; more go to cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 8;
 
-const GEMV_F32: [&str; 8] = [
+pub(crate) const GEMV_F32: [&str; 8] = [
     "gemv_f32_1",
     "gemv_f32_2",
     "gemv_f32_3",
@@ -78,7 +78,7 @@ const GEMV_F32: [&str; 8] = [
     "gemv_f32_7",
     "gemv_f32_8",
 ];
-const GEMV_F16: [&str; 8] = [
+pub(crate) const GEMV_F16: [&str; 8] = [
     "gemv_f16_1",
     "gemv_f16_2",
     "gemv_f16_3",
@@ -88,7 +88,7 @@ const GEMV_F16: [&str; 8] = [
     "gemv_f16_7",
     "gemv_f16_8",
 ];
-const GEMV_BF16: [&str; 8] = [
+pub(crate) const GEMV_BF16: [&str; 8] = [
     "gemv_bf16_1",
     "gemv_bf16_2",
     "gemv_bf16_3",
@@ -337,7 +337,7 @@ pub fn scan_shape(d_state: usize) -> (u32, u32) {
     }
 }
 
-const SCAN_KERNELS: [&str; 8] = [
+pub(crate) const SCAN_KERNELS: [&str; 8] = [
     "selective_scan_1",
     "selective_scan_2",
     "selective_scan_3",
@@ -396,7 +396,7 @@ pub fn scan(
     Launch { kernel, grid: u(threads.div_ceil(BLOCK) as usize), block: BLOCK as u32, args }
 }
 
-const CHUNK_END: [&str; 8] = [
+pub(crate) const CHUNK_END: [&str; 8] = [
     "scan_chunk_end_1",
     "scan_chunk_end_2",
     "scan_chunk_end_3",
@@ -406,7 +406,7 @@ const CHUNK_END: [&str; 8] = [
     "scan_chunk_end_7",
     "scan_chunk_end_8",
 ];
-const CHUNK_Y: [&str; 8] = [
+pub(crate) const CHUNK_Y: [&str; 8] = [
     "scan_chunk_y_1",
     "scan_chunk_y_2",
     "scan_chunk_y_3",

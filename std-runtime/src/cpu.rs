@@ -10,12 +10,22 @@ use std::sync::OnceLock;
 
 static SIMD: OnceLock<&'static str> = OnceLock::new();
 
+/// The kernels that run without a switch: NEON dot products are part of
+/// the aarch64 baseline (the core uses them whenever NEON is compiled in).
+const BASELINE: &str =
+    if cfg!(all(target_arch = "aarch64", target_feature = "neon")) { "neon" } else { "portable" };
+
 /// Enable the best kernels this CPU supports; returns their name. Idempotent.
 pub fn init_simd() -> &'static str {
     SIMD.get_or_init(|| {
         if std::env::var("MAMBA_SIMD").is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("off")) {
-            return "portable (MAMBA_SIMD=0)";
+            return if BASELINE == "neon" {
+                "neon (MAMBA_SIMD=0 has no effect)"
+            } else {
+                "portable (MAMBA_SIMD=0)"
+            };
         }
+        #[cfg(target_arch = "x86_64")]
         let avx2_only = std::env::var("MAMBA_SIMD").is_ok_and(|v| v.eq_ignore_ascii_case("avx2"));
         #[cfg(target_arch = "x86_64")]
         if !avx2_only
@@ -45,6 +55,6 @@ pub fn init_simd() -> &'static str {
             };
             return "avx2+fma+f16c";
         }
-        "portable"
+        BASELINE
     })
 }

@@ -2,21 +2,14 @@
 //! separate test binary: switching SIMD on is process-wide.
 #![cfg(target_arch = "x86_64")]
 
+mod common;
+
 use half::{bf16, f16};
 use mamba_core::kernels::{dot, dot_portable, linear, simd};
 use mamba_core::{Tensor, WData};
 
 fn data(n: usize, seed: f32) -> Vec<f32> {
     (0..n).map(|i| ((i as f32 + seed) * 0.731).sin() * 2.0).collect()
-}
-
-fn have_avx512() -> bool {
-    std::is_x86_feature_detected!("avx512f")
-        && std::is_x86_feature_detected!("avx512bw")
-        && std::is_x86_feature_detected!("avx512vl")
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-        && std::is_x86_feature_detected!("f16c")
 }
 
 /// `out[t, o]` for features `f0..f1` of a `[rows, n_out]` product.
@@ -29,7 +22,7 @@ fn product(x: &[f32], rows: usize, w: &Tensor<'_>, b: Option<&Tensor<'_>>, f: (u
 
 #[test]
 fn tiles_match_portable_and_are_independent_of_the_split() {
-    if !have_avx512() {
+    if !common::has_avx512() {
         eprintln!("skipped: this CPU lacks AVX-512 F/BW/VL");
         return;
     }

@@ -2,6 +2,8 @@
 //! binary: switching SIMD on is process-wide.
 #![cfg(target_arch = "x86_64")]
 
+mod common;
+
 use half::{bf16, f16};
 use mamba_core::kernels::{dot, dot4, dot_portable, simd};
 use mamba_core::WData;
@@ -12,10 +14,7 @@ fn data(n: usize, seed: f32) -> Vec<f32> {
 
 #[test]
 fn simd_dot_matches_portable_for_every_dtype_and_length() {
-    if !(std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-        && std::is_x86_feature_detected!("f16c"))
-    {
+    if !common::has_avx2() {
         eprintln!("skipped: this CPU lacks AVX2/FMA/F16C");
         return;
     }

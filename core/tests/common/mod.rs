@@ -1,5 +1,7 @@
 //! What the SIMD test binaries share. Each is a binary of its own: switching
 //! SIMD on is process-wide.
+// Each binary uses part of this module.
+#![allow(dead_code)]
 
 /// Run `check(mode)` with the kernels every mode this CPU has would pick:
 /// the default (portable, or NEON on aarch64), then on x86-64 AVX2 and
@@ -9,27 +11,21 @@ pub fn in_every_mode(mut check: impl FnMut(&str)) {
     #[cfg(target_arch = "x86_64")]
     {
         use mamba_core::kernels::simd;
-        let avx2 = std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c");
-        if !avx2 {
+        if !has_avx2() {
             eprintln!("skipped the AVX2 and AVX-512 modes: this CPU lacks AVX2/FMA/F16C");
             return;
         }
-        // SAFETY: checked just above.
+        // SAFETY: has_avx2 checked the features just above.
         #[allow(unsafe_code)]
         unsafe {
             simd::enable_avx2()
         };
         check("avx2");
-        let avx512 = std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512vl");
-        if !avx512 {
+        if !has_avx512() {
             eprintln!("skipped the AVX-512 mode: this CPU lacks AVX-512 F/BW/VL");
             return;
         }
-        // SAFETY: checked just above.
+        // SAFETY: has_avx512 checked the features just above.
         #[allow(unsafe_code)]
         unsafe {
             simd::enable_avx512()
@@ -37,4 +33,21 @@ pub fn in_every_mode(mut check: impl FnMut(&str)) {
         check("avx512");
         simd::disable_avx512();
     }
+}
+
+/// Whether the CPU has what `simd::enable_avx2` needs: AVX2, FMA, F16C.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx2() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+}
+
+/// Whether the CPU has what `simd::enable_avx512` needs: AVX-512 F/BW/VL and [`has_avx2`]'s.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512vl")
+        && has_avx2()
 }

@@ -216,12 +216,30 @@ impl<'a> MambaOps for CpuBackend<'a> {
         let xp = cfg.x_proj_dim();
         let dbc = need("dbc", dbc, rows * xp)?;
         let dt = need_mut("dt", dt, rows * cfg.d_inner)?;
-        let per = rows_per_task(rows, self.par.threads()) * cfg.d_inner;
-        self.par.for_each_chunk(dt, per, &|start, o| {
-            let r0 = start / cfg.d_inner;
-            let nr = o.len() / cfg.d_inner;
-            kernels::dt_proj_softplus(&dbc[r0 * xp..], xp, nr, &lw.dt_proj, &lw.dt_bias, o)
-        });
+        let (di, threads) = (cfg.d_inner, self.par.threads());
+        if rows >= threads * 2 {
+            let per = rows_per_task(rows, threads) * di;
+            self.par.for_each_chunk(dt, per, &|start, o| {
+                let (r0, nr) = (start / di, o.len() / di);
+                kernels::dt_proj_softplus(&dbc[r0 * xp..], xp, nr, &lw.dt_proj, &lw.dt_bias, (0, di), o)
+            });
+        } else {
+            // Too few rows to keep every thread busy (decode): split each
+            // row's channels too.
+            let dt = Disjoint::new(dt);
+            self.per_seq_channels(rows, di, &|t, ch| {
+                let o = dt.part(t * di + ch.start..t * di + ch.end);
+                kernels::dt_proj_softplus(
+                    &dbc[t * xp..],
+                    xp,
+                    1,
+                    &lw.dt_proj,
+                    &lw.dt_bias,
+                    (ch.start, ch.end),
+                    o,
+                )
+            });
+        }
         Ok(())
     }
 

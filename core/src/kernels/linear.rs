@@ -52,21 +52,25 @@ const DT_ROWS: usize = 4;
 const DT_PACK: usize = 160;
 
 multiversion! {
-    /// `dt[t, d] = softplus(dt_proj[d] . dbc[t, 0..dt_rank] + dt_bias[d])`.
-    /// `dbc`: `[rows, dbc_stride]`, `dt_proj`: `[d_inner, dt_rank]`, `dt`: `[rows, d_inner]`.
+    /// `dt[t, d - f0] = softplus(dt_proj[d] . dbc[t, 0..dt_rank] + dt_bias[d])`
+    /// for channels `d` in `f0..f1`. `dbc`: `[rows, dbc_stride]`, `dt_proj`:
+    /// `[d_inner, dt_rank]`, `dt`: `[rows, f1 - f0]`. A channel's value does
+    /// not depend on the range it is computed in.
     pub fn dt_proj_softplus(
         dbc: &[f32],
         dbc_stride: usize,
         rows: usize,
         dt_proj: &Tensor<'_>,
         dt_bias: &Tensor<'_>,
+        channels: (usize, usize),
         dt: &mut [f32],
     ) {
-        let (d_inner, r) = (dt_proj.rows, dt_proj.cols);
+        let r = dt_proj.cols;
+        let (f0, width) = (channels.0, channels.1 - channels.0);
         let mut t0 = 0;
         while t0 < rows {
             let n = if r <= DT_PACK { (rows - t0).min(DT_ROWS) } else { 1 };
-            let out = &mut dt[t0 * d_inner..(t0 + n) * d_inner];
+            let out = &mut dt[t0 * width..(t0 + n) * width];
             if r <= DT_PACK {
                 // The dt_rank columns of a few rows, packed, through the
                 // product's tiles (the same bits as a dot per element).
@@ -75,12 +79,13 @@ multiversion! {
                     let row = (t0 + t) * dbc_stride;
                     packed[t * r..(t + 1) * r].copy_from_slice(&dbc[row..row + r]);
                 }
-                linear(&packed[..n * r], n, dt_proj, Some(dt_bias), (0, d_inner), |t, d, v| {
-                    super::copy_run(&mut out[t * d_inner + d..], v)
+                linear(&packed[..n * r], n, dt_proj, Some(dt_bias), channels, |t, d, v| {
+                    super::copy_run(&mut out[t * width + d - f0..], v)
                 });
             } else {
                 let dt_in = &dbc[t0 * dbc_stride..t0 * dbc_stride + r];
-                for (d, o) in out.iter_mut().enumerate() {
+                for (i, o) in out.iter_mut().enumerate() {
+                    let d = f0 + i;
                     *o = dot(dt_proj.row(d), dt_in) + dt_bias.data.get(d);
                 }
             }

@@ -1,5 +1,7 @@
-//! Q8_0 weights: every kernel gives the bits of the f32 product over the
-//! dequantized weights (each `q * d` is exact in f32), in every SIMD mode.
+//! Q8_0 weights: every kernel but AVX-512's gives the bits of the f32
+//! product over the dequantized weights (each `q * d` is exact in f32);
+//! AVX-512's sums in integers over int16 activations, bit for bit as its
+//! scalar model here and within the rounding bound of the exact product.
 //! A separate test binary: switching SIMD on is process-wide.
 
 mod common;
@@ -28,8 +30,49 @@ fn product(x: &[f32], rows: usize, w: &Tensor<'_>, f: (usize, usize)) -> Vec<f32
     out
 }
 
+/// The AVX-512 Q8_0 arithmetic, one scalar step at a time: `x` quantized to
+/// int16 per block of 32 (scale `max |x| / 32767`, ties to even), a block's
+/// pairs summed exactly into 16 lanes, each lane times `d_w * d_x` added by
+/// one FMA into the even or the odd blocks' chain, the chains added and the
+/// lanes summed in halves.
+fn int16_reference(q: &[i8], d: &[f16], x: &[f32]) -> f32 {
+    let mut acc = [[0.0f32; 16]; 2];
+    for (b, xb) in x[..q.len()].chunks_exact(Q8_BLOCK).enumerate() {
+        let m = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let (inv, dx) = if m < 1e-30 { (0.0, 0.0) } else { (32767.0 / m, m / 32767.0) };
+        let xq: Vec<i32> = xb.iter().map(|v| (v * inv).round_ties_even() as i32).collect();
+        let s = d[b].to_f32() * dx;
+        let qb = &q[b * Q8_BLOCK..];
+        for j in 0..16 {
+            let p = qb[2 * j] as i32 * xq[2 * j] + qb[2 * j + 1] as i32 * xq[2 * j + 1];
+            acc[b % 2][j] = (p as f32).mul_add(s, acc[b % 2][j]);
+        }
+    }
+    let mut v: Vec<f32> = (0..16).map(|j| acc[0][j] + acc[1][j]).collect();
+    while v.len() > 1 {
+        let h = v.len() / 2;
+        v = (0..h).map(|j| v[j] + v[j + h]).collect();
+    }
+    v[0]
+}
+
+/// How far rounding the activations may move a Q8_0 product: half a step of
+/// each block's largest |x| / 32767 per weight, plus f32 rounding.
+fn int16_bound(w: &[f32], x: &[f32]) -> f64 {
+    let mut bound = 0.0f64;
+    for (wb, xb) in w.chunks_exact(Q8_BLOCK).zip(x.chunks_exact(Q8_BLOCK)) {
+        let m = xb.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+        bound += wb.iter().map(|&v| v.abs() as f64).sum::<f64>() * m / 65534.0;
+    }
+    bound + 1e-6 * w.iter().zip(x).map(|(a, b)| (a * b).abs() as f64).sum::<f64>()
+}
+
 fn check_mode(mode: &str) {
-    for k in [32, 64, 96, 768] {
+    // AVX-512 sums Q8_0 blocks in integers over int16 activations; the
+    // other modes multiply dequantized weights, exactly.
+    let ints = mode == "avx512";
+    // 8224 is wider than the AVX-512 kernels quantize on the stack: dequantized there too.
+    for k in [32, 64, 96, 768, 8224] {
         let n_out = 10;
         let (q, d) = q8(n_out * k);
         let deq: Vec<f32> = q.iter().enumerate().map(|(i, &v)| v as f32 * d[i / Q8_BLOCK].to_f32()).collect();
@@ -38,16 +81,33 @@ fn check_mode(mode: &str) {
         for (i, v) in deq.iter().enumerate() {
             assert_eq!(wq.data.get(i).to_bits(), v.to_bits());
         }
+        let ints = ints && k <= 8192;
+        let qrow = |o: usize| (&q[o * k..(o + 1) * k], &d[o * k / Q8_BLOCK..(o + 1) * k / Q8_BLOCK]);
         for rows in [1, 3, 4, 9] {
             let x = data(rows * k, rows as f32);
             for f in [(0, n_out), (3, 7)] {
                 let (a, b) = (product(&x, rows, &wq, f), product(&x, rows, &wf, f));
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&a), bits(&b), "{mode}: k={k} rows={rows} features {f:?}");
+                if !ints {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&a), bits(&b), "{mode}: k={k} rows={rows} features {f:?}");
+                    continue;
+                }
+                for t in 0..rows {
+                    let xt = &x[t * k..(t + 1) * k];
+                    for o in f.0..f.1 {
+                        let (got, (qo, dq)) = (a[t * n_out + o], qrow(o));
+                        let at = format!("{mode}: k={k} rows={rows} features {f:?}: token {t} feature {o}");
+                        assert_eq!(got.to_bits(), int16_reference(qo, dq, xt).to_bits(), "{at}");
+                        let wo = &deq[o * k..(o + 1) * k];
+                        let exact: f64 = wo.iter().zip(xt).map(|(&w, &v)| w as f64 * v as f64).sum();
+                        assert!((got as f64 - exact).abs() <= int16_bound(wo, xt), "{at}: {got} vs {exact}");
+                    }
+                }
             }
             for o in 0..n_out {
                 let xr = &x[..k];
-                assert_eq!(dot(wq.row(o), xr).to_bits(), dot(wf.row(o), xr).to_bits(), "{mode} dot k={k}");
+                let want = if ints { int16_reference(qrow(o).0, qrow(o).1, xr) } else { dot(wf.row(o), xr) };
+                assert_eq!(dot(wq.row(o), xr).to_bits(), want.to_bits(), "{mode} dot k={k}");
                 assert_eq!(dot_portable(wq.row(o), xr).to_bits(), dot_portable(wf.row(o), xr).to_bits());
             }
         }
@@ -61,10 +121,39 @@ fn check_mode(mode: &str) {
     }
 }
 
+/// Zero, tiny and non-finite activations: a NaN or an infinity in a block
+/// makes the product non-finite, as in f32, and all-zero blocks add nothing.
+fn check_special_activations(mode: &str) {
+    let k = 96;
+    let (q, d) = q8(2 * k);
+    let wq = Tensor::new(WData::Q8_0 { q: &q, d: &d }, 2, k, "wq").unwrap();
+    let mut x = data(k, 0.5);
+    x[32..64].fill(0.0);
+    x[64..96].iter_mut().for_each(|v| *v *= 1e-35);
+    let v = product(&x, 1, &wq, (0, 2));
+    let head: f32 = (0..32).map(|i| q[i] as f32 * d[0].to_f32() * x[i]).sum();
+    assert!(v[0].is_finite() && (v[0] - head).abs() < 1e-3 * head.abs().max(1.0), "{mode}: {v:?} vs {head}");
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for at in [0, 33, 95] {
+            let mut xb = x.clone();
+            xb[at] = bad;
+            for rows in [1, 4] {
+                let xr: Vec<f32> = xb.iter().cycle().take(rows * k).copied().collect();
+                let v = product(&xr, rows, &wq, (0, 2));
+                assert!(v.iter().all(|r| !r.is_finite()), "{mode}: {bad} at {at}, {rows} rows: {v:?}");
+            }
+        }
+    }
+}
+
 #[test]
-fn q8_products_equal_the_dequantized_f32_products_in_every_mode() {
+fn q8_products_in_every_mode_against_the_dequantized_f32_products() {
     // On aarch64, `dot` and `linear` always run the NEON kernels.
-    common::in_every_mode(check_mode);
+    // One test: switching modes is process-wide.
+    common::in_every_mode(|mode| {
+        check_mode(mode);
+        check_special_activations(mode);
+    });
 }
 
 #[test]

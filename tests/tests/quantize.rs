@@ -1,6 +1,7 @@
 //! Q8_0 checkpoints from `mamba_runtime::quantize` on the transformers
-//! fixtures: they load, run every path exactly as the f32 model over their
-//! dequantized weights would, and stay close to transformers' float64 logits.
+//! fixtures: they load, run every path alike and as the f32 model over
+//! their dequantized weights would, and stay close to transformers' float64
+//! logits.
 
 use mamba_core::{DType, Sequential, WData};
 use mamba_runtime::config::FileConfig;
@@ -63,8 +64,17 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
+/// The largest |a - b| over two sets of logits, and the largest |b|.
+fn max_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
+    a.iter().zip(b).fold((0.0f32, 0.0f32), |(d, m), (x, y)| (d.max((x - y).abs()), m.max(y.abs())))
+}
+
 #[test]
-fn q8_models_run_exactly_as_their_dequantized_f32_twins_in_prefill_step_and_batches() {
+fn q8_models_run_every_path_alike_and_as_their_dequantized_f32_twins() {
+    // Without AVX-512 a Q8_0 product is the f32 product over the
+    // dequantized weights, bit for bit; with it, activations are rounded to
+    // int16 per block, which moves logits by about 1e-5 of their range.
+    let exact = !mamba_runtime::cpu::init_simd().starts_with("avx512");
     let pool = RayonParallel::new(2).unwrap();
     for case in CASES {
         let (t, _dir, q) = quantized(case);
@@ -75,6 +85,17 @@ fn q8_models_run_exactly_as_their_dequantized_f32_twins_in_prefill_step_and_batc
         let f = dequantized_twin(&q);
         let seqs: Vec<&[u32]> = t.prompts.iter().map(|p| &p.ids[..]).collect();
         let slots: Vec<usize> = (0..seqs.len()).collect();
+        let mut worst = (0.0f32, 0.0f32);
+        let mut close = |case: &str, what: &str, x: &[f32], y: &[f32]| {
+            if exact {
+                assert_eq!(bits(x), bits(y), "{case}: {what}");
+            }
+            let (d, m) = max_diff(x, y);
+            assert!(d <= 1e-3 * m.max(1.0), "{case}: {what}: |diff| {d} against logits up to {m}");
+            worst = (worst.0.max(d), worst.1.max(m));
+        };
+        // The sequential run's prefill and step logits.
+        let mut first: Option<[Vec<Vec<f32>>; 2]> = None;
         for par in [&Sequential as &dyn mamba_core::Parallel, &pool] {
             let mut a = Session::new(&q, par, seqs.len()).unwrap();
             let mut b = Session::new(&f, par, seqs.len()).unwrap();
@@ -84,15 +105,34 @@ fn q8_models_run_exactly_as_their_dequantized_f32_twins_in_prefill_step_and_batc
                 b.prefill(&seqs, &slots, LogitsMode::All).unwrap(),
             );
             for (i, (x, y)) in la.iter().zip(&lb).enumerate() {
-                assert_eq!(bits(x), bits(y), "{case}: prompt {i} prefill");
+                close(case, &format!("prompt {i} prefill"), x, y);
+                // Ragged = solo, bit for bit.
+                let mut solo = Session::new(&q, par, 1).unwrap();
+                let s = solo.prefill(&[seqs[i]], &[0], LogitsMode::All).unwrap().remove(0);
+                assert_eq!(bits(x), bits(&s), "{case}: prompt {i} ragged vs alone");
             }
             // Batched steps continuing every sequence.
             let toks: Vec<u32> = seqs.iter().map(|s| s[0]).collect();
+            let mut steps = vec![];
             for _ in 0..3 {
                 let x = a.step(&toks, &slots).unwrap().to_vec();
-                assert_eq!(bits(&x), bits(b.step(&toks, &slots).unwrap()), "{case}: step");
+                close(case, "step", &x, b.step(&toks, &slots).unwrap());
+                steps.push(x);
+            }
+            // Threaded = sequential, bit for bit.
+            match &first {
+                None => first = Some([la, steps]),
+                Some([pf, st]) => {
+                    for (x, y) in la.iter().zip(pf).chain(steps.iter().zip(st)) {
+                        assert_eq!(bits(x), bits(y), "{case}: 2 threads vs sequential");
+                    }
+                }
             }
         }
+        eprintln!(
+            "{case}: Q8_0 vs its dequantized f32 twin: max |logit diff| {:.2e} (logits up to {:.2})",
+            worst.0, worst.1
+        );
     }
 }
 

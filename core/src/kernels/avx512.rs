@@ -14,6 +14,8 @@
 //! detecting AVX-512 F/BW/VL.
 #![allow(unsafe_code)]
 
+#[cfg(target_arch = "x86_64")]
+use super::q8_avx512 as q8;
 use crate::tensor::{Tensor, WData};
 
 /// Weight rows per tile in a blocked product.
@@ -42,12 +44,18 @@ pub fn linear(
             f1 * w.cols <= w.len() && rows * w.cols <= x.len(),
             "linear: operands shorter than their shapes"
         );
-        let rest = (w.cols, x, rows, bias, (f0, f1));
+        let k = w.cols;
+        let rest = (x, rows, bias, (f0, f1));
         match w.data {
-            WData::F32(d) => blocked(d.as_ptr(), 4, rest, store),
-            WData::F16(d) => blocked(d.as_ptr(), 2, rest, store),
-            WData::BF16(d) => blocked(d.as_ptr(), 2, rest, store),
-            WData::Q8_0 { q, d } => blocked(x86::Q8Rows { q: q.as_ptr(), d: d.as_ptr() }, 1, rest, store),
+            WData::F32(d) => blocked(&mut Floats::new(d.as_ptr(), k, 4), rest, store),
+            WData::F16(d) => blocked(&mut Floats::new(d.as_ptr(), k, 2), rest, store),
+            WData::BF16(d) => blocked(&mut Floats::new(d.as_ptr(), k, 2), rest, store),
+            WData::Q8_0 { q, d } => match Q8Ints::new(q, d, k) {
+                Some(mut p) => blocked(&mut p, rest, store),
+                None => {
+                    blocked(&mut Floats::new(x86::Q8Rows { q: q.as_ptr(), d: d.as_ptr() }, k, 1), rest, store)
+                }
+            },
         }
         return true;
     }
@@ -55,56 +63,221 @@ pub fn linear(
     false
 }
 
-/// `w . x` over the shorter of the two, in the tiles' order; `None` when
-/// the AVX-512 kernels are off.
+/// `w . x` over the shorter of the two, in the products' order (a Q8_0 row
+/// as [`linear`] computes it when `x` covers it); `None` when the AVX-512
+/// kernels are off.
 #[inline]
 pub fn dot(w: WData<'_>, x: &[f32]) -> Option<f32> {
     #[cfg(target_arch = "x86_64")]
     if super::simd::avx512_enabled() {
         let k = w.len().min(x.len());
+        let mut out = [0.0f32];
         // SAFETY: enable_avx512's contract gives the features; both rows
         // hold at least `k` elements.
-        let r = unsafe {
+        unsafe {
             match w {
-                WData::F32(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k),
-                WData::F16(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k),
-                WData::BF16(a) => x86::tile::<_, 1, 1>([a.as_ptr()], [x.as_ptr()], k),
-                WData::Q8_0 { q, d } => {
-                    x86::tile::<_, 1, 1>([x86::Q8Rows { q: q.as_ptr(), d: d.as_ptr() }], [x.as_ptr()], k)
-                }
+                WData::F32(a) => Floats::new(a.as_ptr(), k, 4).row_dots(x, &mut out),
+                WData::F16(a) => Floats::new(a.as_ptr(), k, 2).row_dots(x, &mut out),
+                WData::BF16(a) => Floats::new(a.as_ptr(), k, 2).row_dots(x, &mut out),
+                WData::Q8_0 { q, d } => match Q8Ints::new(q, d, k) {
+                    Some(mut p) => p.row_dots(x, &mut out),
+                    None => {
+                        Floats::new(x86::Q8Rows { q: q.as_ptr(), d: d.as_ptr() }, k, 1).row_dots(x, &mut out)
+                    }
+                },
             }
-        };
-        return Some(r[0][0]);
+        }
+        return Some(out[0]);
     }
     let _ = (w, x);
     None
 }
 
-/// `k`, `x`, `rows`, `bias` and the feature range of a product.
+/// `x`, `rows`, `bias` and the feature range of a product.
 #[cfg(target_arch = "x86_64")]
-type Operands<'x, 'b, 'w> = (usize, &'x [f32], usize, Option<&'b Tensor<'w>>, (usize, usize));
+type Operands<'x, 'b, 'w> = (&'x [f32], usize, Option<&'b Tensor<'w>>, (usize, usize));
 
-/// The product over weight rows from `w` (`[_, k]`, `esize` bytes per
-/// quant or element, the rows `0..f1` in bounds: the caller asserts it).
+/// One weight format's kernels, as [`blocked`] drives them over rows `[_, k]`.
 #[cfg(target_arch = "x86_64")]
-fn blocked<W: x86::Rows16>(
+trait Product {
+    /// Row length.
+    fn k(&self) -> usize;
+    /// Stored bytes per weight (quants only, for Q8_0).
+    fn esize(&self) -> usize;
+    /// The bytes the weights stream from (for prefetch hints).
+    fn bytes(&self) -> *const u8;
+    /// Make rows `t0..t0 + nt` (`nt <= TILE_T`) of `x` the tokens of the
+    /// products that follow.
+    /// # Safety
+    /// Those rows are in bounds; AVX-512 F/BW/VL are available.
+    unsafe fn tokens(&mut self, x: &[f32], t0: usize, nt: usize);
+    /// `out[i] = w[o + i] . ` the first token.
+    /// # Safety
+    /// Rows `o..o + out.len()` are in bounds; AVX-512 F/BW/VL are available.
+    unsafe fn gemv(&self, o: usize, out: &mut [f32]);
+    /// Rows `o..o + nr` (`nr` 1 or [`TILE_R`]) against the `nt` tokens.
+    /// # Safety
+    /// As [`Product::gemv`].
+    unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R];
+
+    /// `out[i] = w[i] . x` for the first `out.len()` rows.
+    /// # Safety
+    /// As [`Product::gemv`]; `x` holds `k` elements.
+    unsafe fn row_dots(&mut self, x: &[f32], out: &mut [f32]) {
+        self.tokens(x, 0, 1);
+        self.gemv(0, out);
+    }
+}
+
+/// Float (or dequantized Q8_0) rows, widened to f32 in registers.
+#[cfg(target_arch = "x86_64")]
+struct Floats<W> {
     w: W,
+    k: usize,
     esize: usize,
-    (k, x, rows, bias, (f0, f1)): Operands<'_, '_, '_>,
+    x: *const f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<W: x86::Rows16> Floats<W> {
+    fn new(w: W, k: usize, esize: usize) -> Self {
+        Floats { w, k, esize, x: core::ptr::null() }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<W: x86::Rows16> Product for Floats<W> {
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn esize(&self) -> usize {
+        self.esize
+    }
+    fn bytes(&self) -> *const u8 {
+        self.w.bytes()
+    }
+    unsafe fn tokens(&mut self, x: &[f32], t0: usize, _nt: usize) {
+        self.x = x.as_ptr().add(t0 * self.k);
+    }
+    unsafe fn gemv(&self, o: usize, out: &mut [f32]) {
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = x86::tile::<W, 1, 1>([self.w.row(o + i, self.k)], [self.x], self.k)[0][0];
+        }
+    }
+    unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R] {
+        let (w, k, x) = (self.w, self.k, self.x);
+        let rows = |i: usize| w.row(o + i, k);
+        let toks = |j: usize| x.add(j * k);
+        macro_rules! call {
+            ($r:literal, $t:literal) => {
+                x86::tile::<W, $r, $t>(core::array::from_fn(rows), core::array::from_fn(toks), k)
+            };
+        }
+        by_shape!(nr, nt, call)
+    }
+}
+
+/// Q8_0 rows against activations quantized to int16 ([`super::q8_avx512`]).
+#[cfg(target_arch = "x86_64")]
+struct Q8Ints {
+    w: q8::Q8W,
+    x: q8::QuantRows,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Q8Ints {
+    /// `None` where rows of `k` are too wide to quantize on the stack.
+    fn new(q: &[i8], d: &[half::f16], k: usize) -> Option<Self> {
+        let x = q8::QuantRows::new(k)?;
+        Some(Q8Ints { w: q8::Q8W { q: q.as_ptr(), d: d.as_ptr(), k }, x })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Product for Q8Ints {
+    fn k(&self) -> usize {
+        self.w.k
+    }
+    fn esize(&self) -> usize {
+        1
+    }
+    fn bytes(&self) -> *const u8 {
+        self.w.q as *const u8
+    }
+    unsafe fn tokens(&mut self, x: &[f32], t0: usize, nt: usize) {
+        self.x.quantize(x, t0, nt);
+    }
+    unsafe fn gemv(&self, o: usize, out: &mut [f32]) {
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = q8::tile::<1, 1>(self.w, o + i, &self.x)[0][0];
+        }
+    }
+    unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R] {
+        macro_rules! call {
+            ($r:literal, $t:literal) => {
+                q8::tile::<$r, $t>(self.w, o, &self.x)
+            };
+        }
+        by_shape!(nr, nt, call)
+    }
+}
+
+/// `$call!(R, T)` for the tile shape `nr` (1 or [`TILE_R`]) x `nt`
+/// (1..=[`TILE_T`]), placed in a full tile.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_shape {
+    ($nr:expr, $nt:expr, $call:ident) => {{
+        const _: () = assert!(TILE_R == 3 && TILE_T == 4, "by_shape! lists the shapes");
+        let mut out = [[0.0f32; TILE_T]; TILE_R];
+        match ($nr == TILE_R, $nt) {
+            (true, 1) => place(&mut out, $call!(3, 1)),
+            (true, 2) => place(&mut out, $call!(3, 2)),
+            (true, 3) => place(&mut out, $call!(3, 3)),
+            (true, 4) => place(&mut out, $call!(3, 4)),
+            (false, 1) => place(&mut out, $call!(1, 1)),
+            (false, 2) => place(&mut out, $call!(1, 2)),
+            (false, 3) => place(&mut out, $call!(1, 3)),
+            (false, 4) => place(&mut out, $call!(1, 4)),
+            _ => unreachable!("tile of {} x {}", $nr, $nt),
+        }
+        out
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+use by_shape;
+
+/// A tile's `R x T` values into the top left of a full tile.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn place<const R: usize, const T: usize>(out: &mut [[f32; TILE_T]; TILE_R], v: [[f32; T]; R]) {
+    for (dst, src) in out.iter_mut().zip(v.iter()) {
+        dst[..T].copy_from_slice(src);
+    }
+}
+
+/// The product over the weight rows of `p` (rows `0..f1` in bounds: the
+/// caller asserts it).
+#[cfg(target_arch = "x86_64")]
+fn blocked(
+    p: &mut impl Product,
+    (x, rows, bias, (f0, f1)): Operands<'_, '_, '_>,
     store: &mut impl FnMut(usize, usize, &[f32]),
 ) {
     let b = |o: usize| bias.map_or(0.0, |b| b.data.get(o));
+    let (k, esize) = (p.k(), p.esize());
     if rows == 1 {
         // One token is a pure stream of weights: rows one after another,
         // which the DRAM prefetchers follow best (measured: interleaved
         // rows read the lm head at half the rate), many rows per call.
+        // SAFETY: row 0 of x is in bounds (asserted by the caller);
+        // enable_avx512's contract gives the CPU features.
+        unsafe { p.tokens(x, 0, 1) };
         let mut buf = [0.0f32; 64];
         let mut o = f0;
         while o < f1 {
             let n = (f1 - o).min(buf.len());
-            // SAFETY: rows o..o+n are in bounds (asserted above);
-            // enable_avx512's contract gives the CPU features.
-            unsafe { x86::gemv(w, k, o, x, &mut buf[..n]) };
+            // SAFETY: rows o..o+n are in bounds (asserted by the caller).
+            unsafe { p.gemv(o, &mut buf[..n]) };
             for (i, v) in buf[..n].iter_mut().enumerate() {
                 *v += b(o + i);
             }
@@ -127,17 +300,19 @@ fn blocked<W: x86::Rows16>(
         let mut t0 = 0;
         while t0 < rows {
             let nt = (rows - t0).min(TILE_T);
+            // SAFETY: rows t0..t0+nt of x are in bounds (asserted by the caller).
+            unsafe { p.tokens(x, t0, nt) };
             let mut o = p0;
             while o < p1 {
                 let nr = if p1 - o >= TILE_R { TILE_R } else { 1 };
                 if fetched < next.1 {
                     let len = share.min(next.1 - fetched);
-                    x86::prefetch(w.bytes(), fetched, len);
+                    x86::prefetch(p.bytes(), fetched, len);
                     fetched += len;
                 }
-                // SAFETY: features and rows are in bounds (asserted above);
-                // enable_avx512's contract gives the CPU features.
-                let tile = unsafe { x86::tile_dyn(w, k, o, nr, x, t0, nt) };
+                // SAFETY: features and rows are in bounds (asserted by the
+                // caller); enable_avx512's contract gives the CPU features.
+                let tile = unsafe { p.tile(o, nr, nt) };
                 let bias: [f32; TILE_R] = core::array::from_fn(|r| if r < nr { b(o + r) } else { 0.0 });
                 for (j, t) in (t0..t0 + nt).enumerate() {
                     // Token t's nr consecutive features, stored at once.
@@ -154,7 +329,6 @@ fn blocked<W: x86::Rows16>(
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
-    use super::{TILE_R, TILE_T};
     use core::arch::x86_64::*;
     use half::{bf16, f16};
 
@@ -362,67 +536,6 @@ pub(crate) mod x86 {
             for t in 0..T {
                 out[r][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]));
             }
-        }
-        out
-    }
-
-    /// `out[i] = w[o + i] . x` for `out.len()` rows of `w` (`[_, k]`); `x`: `[k]`.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL are available; rows `o..o+out.len()` of `w` and `k`
-    /// elements of `x` are in bounds.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn gemv<W: Rows16>(w: W, k: usize, o: usize, x: &[f32], out: &mut [f32]) {
-        let wp = w.row(o, k);
-        for (i, v) in out.iter_mut().enumerate() {
-            *v = tile::<W, 1, 1>([wp.row(i, k)], [x.as_ptr()], k)[0][0];
-        }
-    }
-
-    /// A tile of `nr` (1 or [`TILE_R`]) weight rows from row `o` of `w`
-    /// (`[_, k]`) against `nt` (1..=[`TILE_T`]) rows from row `t0` of `x`
-    /// (`[_, k]`); the first `nr` x `nt` values of the result are set.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL are available; rows `o..o+nr` of `w` and `t0..t0+nt`
-    /// of `x` are in bounds.
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile_dyn<W: Rows16>(
-        w: W,
-        k: usize,
-        o: usize,
-        nr: usize,
-        x: &[f32],
-        t0: usize,
-        nt: usize,
-    ) -> [[f32; TILE_T]; TILE_R] {
-        let wp = w.row(o, k);
-        let xp = x.as_ptr().add(t0 * k);
-        let rows = |i: usize| wp.row(i, k);
-        let toks = |j: usize| xp.add(j * k);
-        let mut out = [[0.0f32; TILE_T]; TILE_R];
-        macro_rules! run {
-            ($r:literal, $($t:literal)*) => {
-                match nt {
-                    $($t => {
-                        let v = tile::<W, $r, $t>(
-                            core::array::from_fn(rows),
-                            core::array::from_fn(toks),
-                            k,
-                        );
-                        for (dst, src) in out.iter_mut().zip(v.iter()) {
-                            dst[..$t].copy_from_slice(src);
-                        }
-                    })*
-                    _ => unreachable!("token block of {nt}"),
-                }
-            };
-        }
-        if nr == TILE_R {
-            run!(3, 1 2 3 4);
-        } else {
-            run!(1, 1 2 3 4);
         }
         out
     }

@@ -14,6 +14,8 @@ pub mod linear;
 #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
 pub mod neon;
 pub mod norm;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub mod q8_avx512;
 pub mod scan;
 pub mod scan_avx512;
 pub mod simd;

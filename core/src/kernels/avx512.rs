@@ -9,6 +9,9 @@
 //! not depend on how many other tokens share the product, nor on how the
 //! threads split it (ragged = solo, chunked = whole, threaded = sequential).
 //!
+//! Q8_0 rows go through the integer kernels of [`super::q8_avx512`], in
+//! the same loops (`Product` is what a format supplies to them).
+//!
 //! Like the AVX2 kernels, these switch on once through
 //! [`super::simd::enable_avx512`], which the std runtime calls after
 //! detecting AVX-512 F/BW/VL.

@@ -32,9 +32,10 @@ fn tiles_match_portable_and_are_independent_of_the_split() {
         simd::enable_avx512()
     };
     assert!(simd::avx512_enabled());
-    // Lengths around the 16- and 32-element blocks, and model widths.
-    for k in [1, 5, 15, 16, 17, 31, 32, 33, 47, 48, 100, 768] {
-        let n_out = 11;
+    // Lengths around the 16- and 32-element blocks, and model widths; 600
+    // features make several panels (at most 255 rows each).
+    let shapes = [1, 5, 15, 16, 17, 31, 32, 33, 47, 48, 100, 768].map(|k| (k, 11));
+    for (k, n_out) in shapes.into_iter().chain([(32, 600), (768, 600)]) {
         let w32 = data(n_out * k, 0.5);
         let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();
         let wh: Vec<f16> = w32.iter().map(|&v| f16::from_f32(v)).collect();
@@ -70,7 +71,7 @@ fn tiles_match_portable_and_are_independent_of_the_split() {
                     }
                 }
             }
-            for (f0, f1) in [(0, 1), (1, 5), (4, 11), (3, 10)] {
+            for (f0, f1) in [(0, 1), (1, 5), (4, 11), (3, 10), (7, n_out - 3)] {
                 let part = product(&x, rows, &w, Some(&bias), (f0, f1));
                 for t in 0..rows {
                     for o in f0..f1 {

@@ -138,6 +138,32 @@ impl<'b> Disjoint<'b> {
     }
 }
 
+/// Most tasks a product is split into.
+const MAX_CHUNKS: usize = 48;
+
+/// Feature ranges `bounds[i]..bounds[i + 1]` of a product's tasks, and
+/// their count: each takes a share of what is left (`1 / (2 threads)`), so
+/// the first are long streams for the prefetchers and the last are short,
+/// and threads that stream at different rates still finish together.
+/// Multiples of 12 rows (the tiles' 3 and 4), at least 24.
+fn feature_chunks(n: usize, threads: usize) -> ([usize; MAX_CHUNKS + 1], usize) {
+    let mut bounds = [n; MAX_CHUNKS + 1];
+    bounds[0] = 0;
+    let (mut start, mut tasks) = (0, 0);
+    while start < n {
+        let left = n - start;
+        let size = if tasks + 1 == MAX_CHUNKS || threads <= 1 {
+            left
+        } else {
+            left.div_ceil(2 * threads).next_multiple_of(12).max(24).min(left)
+        };
+        start += size;
+        tasks += 1;
+        bounds[tasks] = start;
+    }
+    (bounds, tasks)
+}
+
 /// Rows per parallel task so every thread gets a couple of tasks.
 fn rows_per_task(rows: usize, threads: usize) -> usize {
     rows.div_ceil(threads.max(1) * 2).max(1)
@@ -194,10 +220,10 @@ impl<'a> MambaOps for CpuBackend<'a> {
         let out = need_mut("linear out", out, rows * n_out)?;
         // Threads split the output features: each reads only its share of
         // the weights, once, for all rows (decode and prefill alike).
-        let chunk = n_out.div_ceil(self.par.threads().max(1) * 4).next_multiple_of(4).max(16);
+        let (bounds, tasks) = feature_chunks(n_out, self.par.threads());
         let out = Disjoint::new(out);
-        self.par.for_each_task(n_out.div_ceil(chunk), &|i| {
-            let f = (i * chunk, ((i + 1) * chunk).min(n_out));
+        self.par.for_each_task(tasks, &|i| {
+            let f = (bounds[i], bounds[i + 1]);
             kernels::linear(x, rows, w, bias, f, |t, o, v| {
                 kernels::copy_run(out.part(t * n_out + o..t * n_out + o + v.len()), v)
             })
@@ -413,5 +439,34 @@ impl<'a> MambaOps for CpuBackend<'a> {
             o.copy_from_slice(need("gather x", x, (r + 1) * width)?.get(r * width..).unwrap_or(&[]));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{feature_chunks, MAX_CHUNKS};
+
+    #[test]
+    fn feature_chunks_cover_the_features_in_shrinking_tile_multiples() {
+        for n in [0, 1, 23, 24, 100, 3072, 50280, 1_000_000] {
+            for threads in [1, 2, 4, 16] {
+                let (b, tasks) = feature_chunks(n, threads);
+                assert!(tasks <= MAX_CHUNKS, "n={n} threads={threads}: {tasks} tasks");
+                assert_eq!((b[0], b[tasks]), (0, n), "n={n} threads={threads}");
+                let size = |i: usize| b[i + 1] - b[i];
+                assert!((0..tasks).all(|i| size(i) > 0), "n={n} threads={threads}: {b:?}");
+                // Every chunk but the last ends on a tile boundary; none grows.
+                assert!(b[1..tasks.max(1)].iter().all(|e| e % 12 == 0), "n={n} threads={threads}: {b:?}");
+                assert!(
+                    (1..tasks.saturating_sub(1)).all(|i| size(i) <= size(i - 1)),
+                    "n={n} threads={threads}: {b:?}"
+                );
+                if threads == 1 {
+                    assert!(tasks <= 1);
+                } else if n >= 24 * 2 * threads {
+                    assert!(tasks >= 2 * threads, "n={n} threads={threads}: {b:?}");
+                }
+            }
+        }
     }
 }

@@ -90,15 +90,27 @@ pub struct Sampler {
     rng: Rng,
 }
 
-/// Index of the largest value (first on ties); NaN never wins.
+/// Index of the largest value (first on ties); NaN never wins (an all-NaN
+/// or empty row gives 0).
+///
+/// Two passes the compiler vectorises: the largest value over 16 lanes,
+/// then its first position. A vocabulary's worth of the branchy one-pass
+/// loop was about 1% of a batch-1 decode step.
 pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] || row[best].is_nan() {
-            best = i;
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            // `v > m` is false for NaN: it never replaces a value.
+            *m = if v > *m { v } else { *m };
         }
     }
-    best
+    let mut best = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(chunks.remainder()) {
+        best = if v > best { v } else { best };
+    }
+    row.iter().position(|&v| v == best).unwrap_or(0)
 }
 
 impl Sampler {
@@ -220,6 +232,36 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_takes_the_first_largest_and_never_nan() {
+        // The one-pass definition it replaced.
+        let naive = |row: &[f32]| {
+            let mut best = 0;
+            for (i, &v) in row.iter().enumerate() {
+                if v > row[best] || row[best].is_nan() {
+                    best = i;
+                }
+            }
+            best
+        };
+        let mut rng = Rng::new(7);
+        for n in (1..70).chain([50280]) {
+            for case in 0..6 {
+                let mut row: Vec<f32> = (0..n).map(|_| (rng.next_f64() * 8.0).floor() as f32).collect();
+                match case {
+                    1 => row[n / 2] = f32::NAN,
+                    2 => row.iter_mut().step_by(3).for_each(|v| *v = f32::NAN),
+                    3 => row.iter_mut().for_each(|v| *v = f32::NEG_INFINITY),
+                    4 => row[n - 1] = f32::INFINITY,
+                    5 => row[0] = f32::NAN,
+                    _ => {}
+                }
+                assert_eq!(argmax(&row), naive(&row), "n={n} case {case}: {:?}", &row[..n.min(20)]);
+            }
+        }
+        assert_eq!(argmax(&[]), 0);
+    }
 
     #[test]
     fn greedy_never_picks_padded_rows() {

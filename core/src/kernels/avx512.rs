@@ -270,7 +270,16 @@ fn blocked(
     (x, rows, bias, (f0, f1)): Operands<'_, '_, '_>,
     store: &mut impl FnMut(usize, usize, &[f32]),
 ) {
-    let b = |o: usize| bias.map_or(0.0, |b| b.data.get(o));
+    // Features `o0..o0 + run.len()` get their bias. Without one nothing is
+    // added: a product is never -0 (its sums start at +0), so adding +0
+    // would change no bits.
+    let add_bias = |run: &mut [f32], o0: usize| {
+        if let Some(bias) = bias {
+            for (i, v) in run.iter_mut().enumerate() {
+                *v += bias.data.get(o0 + i);
+            }
+        }
+    };
     let (k, esize) = (p.k(), p.esize());
     if rows == 1 {
         // One token is a pure stream of weights: rows one after another,
@@ -285,9 +294,7 @@ fn blocked(
             let n = (f1 - o).min(buf.len());
             // SAFETY: rows o..o+n are in bounds (asserted by the caller).
             unsafe { p.gemv(o, &mut buf[..n]) };
-            for (i, v) in buf[..n].iter_mut().enumerate() {
-                *v += b(o + i);
-            }
+            add_bias(&mut buf[..n], o);
             store(0, o, &buf[..n]);
             o += n;
         }
@@ -300,12 +307,6 @@ fn blocked(
     let mut p0 = f0;
     while p0 < f1 {
         let p1 = (p0 + panel).min(f1);
-        let bias_run: &mut [f32] = &mut [0.0f32; PANEL_ROWS][..p1 - p0];
-        if bias.is_some() {
-            for (i, v) in bias_run.iter_mut().enumerate() {
-                *v = b(p0 + i);
-            }
-        }
         // While this panel computes, the next one is fetched from memory in
         // even shares per tile, in address order (interleaved tile rows
         // alone defeat the hardware prefetchers: measured at half the rate).
@@ -338,9 +339,7 @@ fn blocked(
             }
             for (j, run) in stage[..nt].iter_mut().enumerate() {
                 let run = &mut run[..p1 - p0];
-                for (v, &c) in run.iter_mut().zip(bias_run.iter()) {
-                    *v += c;
-                }
+                add_bias(run, p0);
                 store(t0 + j, p0, run);
             }
             t0 += nt;

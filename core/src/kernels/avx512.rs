@@ -25,7 +25,7 @@ use crate::tensor::{Tensor, WData};
 const TILE_R: usize = 3;
 /// Activation rows per tile: 3 x 4 x 2 accumulators + 6 weights + 1
 /// activation fit the 32 vector registers.
-const TILE_T: usize = 4;
+pub(crate) const TILE_T: usize = 4;
 /// Bytes of weight rows kept hot (in L2) while every token block passes over them.
 const PANEL_BYTES: usize = 192 * 1024;
 /// At most this many weight rows a panel (a multiple of [`TILE_R`]), so a
@@ -187,7 +187,8 @@ impl<W: x86::Rows16> Product for Floats<W> {
 /// Q8_0 rows against activations quantized to int16 ([`super::q8_avx512`]).
 #[cfg(target_arch = "x86_64")]
 struct Q8Ints {
-    w: q8::Q8W,
+    w: x86::Q8Rows,
+    /// Sized for the rows' length, `k`.
     x: q8::QuantRows,
 }
 
@@ -196,33 +197,33 @@ impl Q8Ints {
     /// `None` where rows of `k` are too wide to quantize on the stack.
     fn new(q: &[i8], d: &[half::f16], k: usize) -> Option<Self> {
         let x = q8::QuantRows::new(k)?;
-        Some(Q8Ints { w: q8::Q8W { q: q.as_ptr(), d: d.as_ptr(), k }, x })
+        Some(Q8Ints { w: x86::Q8Rows { q: q.as_ptr(), d: d.as_ptr() }, x })
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 impl Product for Q8Ints {
     fn k(&self) -> usize {
-        self.w.k
+        self.x.k()
     }
     fn esize(&self) -> usize {
         1
     }
     fn bytes(&self) -> *const u8 {
-        self.w.q as *const u8
+        x86::Rows16::bytes(self.w)
     }
     unsafe fn tokens(&mut self, x: &[f32], t0: usize, nt: usize) {
         self.x.quantize(x, t0, nt);
     }
     unsafe fn gemv(&self, o: usize, out: &mut [f32]) {
         for (i, v) in out.iter_mut().enumerate() {
-            *v = q8::tile::<1, 1>(self.w, o + i, &self.x)[0][0];
+            *v = q8::tile::<1, 1>(self.w, self.x.k(), o + i, &self.x)[0][0];
         }
     }
     unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R] {
         macro_rules! call {
             ($r:literal, $t:literal) => {
-                q8::tile::<$r, $t>(self.w, o, &self.x)
+                q8::tile::<$r, $t>(self.w, self.x.k(), o, &self.x)
             };
         }
         by_shape!(nr, nt, call)

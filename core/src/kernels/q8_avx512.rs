@@ -19,8 +19,8 @@
 /// Widest row (`k`) quantized on the stack; wider products dequantize
 /// instead (every published Mamba-1 is at most 5,120).
 pub const MAX_K: usize = 8192;
-/// Token rows quantized at a time (the tiles' token block).
-pub const ROWS: usize = 4;
+/// Token rows quantized at a time: the tiles' token block.
+pub const ROWS: usize = super::avx512::TILE_T;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::*;
@@ -28,6 +28,7 @@ pub(crate) use x86::*;
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{MAX_K, ROWS};
+    use crate::kernels::avx512::x86::{Q8Rows, Rows16};
     use crate::tensor::Q8_BLOCK;
     use core::arch::x86_64::*;
     use core::mem::MaybeUninit;
@@ -96,6 +97,11 @@ mod x86 {
             }
         }
 
+        /// The row length.
+        pub fn k(&self) -> usize {
+            self.k
+        }
+
         /// Row `j`'s values and block scales (valid after [`Self::quantize`] set it).
         fn row(&self, j: usize) -> (*const i16, *const f32) {
             (
@@ -105,25 +111,8 @@ mod x86 {
         }
     }
 
-    /// Q8_0 weight rows: `q` the int8 quants, `d` one f16 scale per 32.
-    #[derive(Clone, Copy)]
-    pub struct Q8W {
-        pub q: *const i8,
-        pub d: *const f16,
-        /// Row length, a multiple of 32.
-        pub k: usize,
-    }
-
-    impl Q8W {
-        /// Row `o`'s quants and scales.
-        #[inline(always)]
-        unsafe fn row(self, o: usize) -> (*const i8, *const f16) {
-            (self.q.add(o * self.k), self.d.add(o * self.k / Q8_BLOCK))
-        }
-    }
-
-    /// `out[r][t] = w row (o + r) . x row t` for `R` weight rows from `o`
-    /// and the first `T` quantized rows of `x`.
+    /// `out[r][t] = w row (o + r) . x row t` for `R` weight rows of `k`
+    /// (a multiple of 32) from `o` and the first `T` quantized rows of `x`.
     ///
     /// Each (row, token) pair keeps two 16-lane f32 accumulators, for the
     /// even and the odd blocks; block `b` adds lane `j` of
@@ -135,9 +124,17 @@ mod x86 {
     /// AVX-512 F/BW/VL are available; rows `o..o + R` of `w` are in bounds;
     /// rows `0..T` of `x` are quantized.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn tile<const R: usize, const T: usize>(w: Q8W, o: usize, x: &QuantRows) -> [[f32; T]; R] {
-        let nb = w.k / Q8_BLOCK;
-        let wr: [(*const i8, *const f16); R] = core::array::from_fn(|r| w.row(o + r));
+    pub unsafe fn tile<const R: usize, const T: usize>(
+        w: Q8Rows,
+        k: usize,
+        o: usize,
+        x: &QuantRows,
+    ) -> [[f32; T]; R] {
+        let nb = k / Q8_BLOCK;
+        let wr: [(*const i8, *const f16); R] = core::array::from_fn(|r| {
+            let row = w.row(o + r, k);
+            (row.q, row.d)
+        });
         let xr: [(*const i16, *const f32); T] = core::array::from_fn(|t| x.row(t));
         let mut acc = [[[_mm512_setzero_ps(); 2]; T]; R];
         // d_w * d_x of 16 blocks for every pair, made 16 at a time.

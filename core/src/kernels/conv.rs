@@ -49,13 +49,7 @@ multiversion! {
                 b[j] = bias.map_or(0.0, |v| v.get(d0 + j));
             }
             for t in 0..len {
-                // Every Mamba-1 has d_conv 4: a constant-size shift is a few
-                // register moves where a run-time one is a memmove call.
-                if k == 4 {
-                    win.copy_within(1..4, 0);
-                } else {
-                    win.copy_within(1..k, 0);
-                }
+                shift_window(&mut win, k);
                 let xr = &xz[t * xz_stride + d0..t * xz_stride + d0 + n];
                 super::copy_run(&mut win[k - 1], xr);
                 let mut acc = b;
@@ -121,45 +115,26 @@ multiversion! {
     }
 }
 
-/// Each channel: shift its window, take the new input, add the taps in order.
+/// `win[..k]` moved one place to the front. The usual widths (every
+/// Mamba-1 has 4) are constant-size copies, a few register moves; a
+/// run-time width's `copy_within` is a memmove call (it had been 4% of
+/// batch-64 decode, one a channel).
 #[inline(always)]
-fn taps<T: Copy>(x: &[f32], k: usize, w: &[T], widen: impl Fn(T) -> f32, state: &mut [f32], out: &mut [f32]) {
-    // A window of a known width shifts in registers; a run-time width's
-    // `copy_within` was a memmove call a channel (4% of batch-64 decode).
+fn shift_window<T: Copy>(win: &mut [T], k: usize) {
     match k {
-        4 => taps_k::<4, T>(x, w, widen, state, out),
-        3 => taps_k::<3, T>(x, w, widen, state, out),
-        2 => taps_k::<2, T>(x, w, widen, state, out),
-        _ => {
-            for (((s, o), &xv), wr) in
-                state.chunks_exact_mut(k).zip(out.iter_mut()).zip(x).zip(w.chunks_exact(k))
-            {
-                s.copy_within(1.., 0);
-                s[k - 1] = xv;
-                for (&v, &g) in s.iter().zip(wr) {
-                    *o += widen(g) * v;
-                }
-            }
-        }
+        4 => win.copy_within(1..4, 0),
+        3 => win.copy_within(1..3, 0),
+        2 => win.copy_within(1..2, 0),
+        _ => win.copy_within(1..k, 0),
     }
 }
 
-/// [`taps`] for a window of `K` (the same operations in the same order).
+/// Each channel: shift its window, take the new input, add the taps in order.
 #[inline(always)]
-fn taps_k<const K: usize, T: Copy>(
-    x: &[f32],
-    w: &[T],
-    widen: impl Fn(T) -> f32,
-    state: &mut [f32],
-    out: &mut [f32],
-) {
-    let (states, _) = state.as_chunks_mut::<K>();
-    let (ws, _) = w.as_chunks::<K>();
-    for (((s, o), &xv), wr) in states.iter_mut().zip(out.iter_mut()).zip(x).zip(ws) {
-        for i in 1..K {
-            s[i - 1] = s[i];
-        }
-        s[K - 1] = xv;
+fn taps<T: Copy>(x: &[f32], k: usize, w: &[T], widen: impl Fn(T) -> f32, state: &mut [f32], out: &mut [f32]) {
+    for (((s, o), &xv), wr) in state.chunks_exact_mut(k).zip(out.iter_mut()).zip(x).zip(w.chunks_exact(k)) {
+        shift_window(s, k);
+        s[k - 1] = xv;
         for (&v, &g) in s.iter().zip(wr) {
             *o += widen(g) * v;
         }

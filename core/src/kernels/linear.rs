@@ -47,7 +47,7 @@ pub fn linear(
 }
 
 /// Rows of the dt_proj input packed at a time, and the widest dt_rank packed
-/// (2.8b has 160; wider ones take a dot product per element).
+/// (2.8b has 160; wider ones go one row at a time).
 const DT_ROWS: usize = 4;
 const DT_PACK: usize = 160;
 
@@ -67,33 +67,68 @@ multiversion! {
     ) {
         let r = dt_proj.cols;
         let (f0, width) = (channels.0, channels.1 - channels.0);
+        let mut packed = [0.0f32; DT_ROWS * DT_PACK];
         let mut t0 = 0;
         while t0 < rows {
             let n = if r <= DT_PACK { (rows - t0).min(DT_ROWS) } else { 1 };
             let out = &mut dt[t0 * width..(t0 + n) * width];
-            if r <= DT_PACK {
-                // The dt_rank columns of a few rows, packed, through the
-                // product's tiles (the same bits as a dot per element).
-                let mut packed = [0.0f32; DT_ROWS * DT_PACK];
+            // One row's dt_rank columns are contiguous in dbc; a few rows'
+            // are packed, so the product's tiles take them together.
+            let x_in: &[f32] = if n == 1 {
+                &dbc[t0 * dbc_stride..t0 * dbc_stride + r]
+            } else {
                 for t in 0..n {
                     let row = (t0 + t) * dbc_stride;
                     packed[t * r..(t + 1) * r].copy_from_slice(&dbc[row..row + r]);
                 }
-                linear(&packed[..n * r], n, dt_proj, Some(dt_bias), channels, |t, d, v| {
-                    super::copy_run(&mut out[t * width + d - f0..], v)
-                });
-            } else {
-                let dt_in = &dbc[t0 * dbc_stride..t0 * dbc_stride + r];
-                for (i, o) in out.iter_mut().enumerate() {
-                    let d = f0 + i;
-                    *o = dot(dt_proj.row(d), dt_in) + dt_bias.data.get(d);
-                }
-            }
+                &packed[..n * r]
+            };
+            linear(x_in, n, dt_proj, Some(dt_bias), channels, |t, d, v| {
+                super::copy_run(&mut out[t * width + d - f0..], v)
+            });
             // A separate pass, so the branch-free softplus vectorises.
             for o in out.iter_mut() {
                 *o = softplus(*o);
             }
             t0 += n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::WData;
+
+    #[test]
+    fn dt_proj_is_softplus_of_a_dot_per_channel_for_any_rank_rows_and_range() {
+        const DI: usize = 8;
+        // 48: packed rows; 200: wider than DT_PACK, one row at a time.
+        for r in [48usize, 200] {
+            let w: [f32; DI * 200] = core::array::from_fn(|i| ((i as f32) * 0.37).sin() * 0.2);
+            let bias: [f32; DI] = core::array::from_fn(|i| i as f32 * 0.1 - 0.3);
+            let (w, bias) =
+                (Tensor::new(WData::F32(&w[..DI * r]), DI, r, "w").unwrap(), Tensor::vector_f32(&bias));
+            let stride = r + 3;
+            let dbc: [f32; 6 * 203] = core::array::from_fn(|i| ((i as f32) * 0.11).cos());
+            for rows in [1, 5] {
+                for (f0, f1) in [(0, DI), (3, 7)] {
+                    let mut dt = [f32::NAN; 5 * DI];
+                    dt_proj_softplus(&dbc, stride, rows, &w, &bias, (f0, f1), &mut dt);
+                    let width = f1 - f0;
+                    for t in 0..rows {
+                        for d in f0..f1 {
+                            let x = &dbc[t * stride..t * stride + r];
+                            let want = softplus(dot(w.row(d), x) + bias.data.get(d));
+                            assert_eq!(
+                                dt[t * width + d - f0].to_bits(),
+                                want.to_bits(),
+                                "r={r} rows={rows} t={t} d={d}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -76,6 +76,16 @@ fn bench_kernels(c: &mut Criterion) {
             })
         });
         g.finish();
+        let mut g = c.benchmark_group("conv1d_step");
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(BenchmarkId::new(format!("{di}_k{k}"), dt), |b| {
+            b.iter(|| {
+                let bias = l.conv_b.map(|t| t.data);
+                kernels::conv1d_step(&xz[..di], k, l.conv_w.data, bias, 0, &mut state, &mut out[..di]);
+                black_box(&out);
+            })
+        });
+        g.finish();
 
         // A is f32 at run time whatever the checkpoint's dtype; D keeps `dtype`.
         let x = activations(SEQ * di, 3, -1.0, 1.0);

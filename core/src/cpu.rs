@@ -285,21 +285,33 @@ impl<'a> MambaOps for CpuBackend<'a> {
         let xz = need("xz", xz, rows * 2 * di)?;
         let out = need_mut("conv out", out, rows * di)?;
         let layout = cfg.state_layout();
-        for (i, &slot) in batch.slots.iter().enumerate() {
+        // Channels are independent: every sequence's are split over the
+        // threads (blocks of 16, a couple of tasks a thread).
+        let chunk = di.div_ceil(self.par.threads() * 2).next_multiple_of(16).clamp(1, di.max(1));
+        let per_seq = di.div_ceil(chunk);
+        let (st, out) = (Disjoint::new(states), Disjoint::new(out));
+        self.par.for_each_task(batch.slots.len() * per_seq, &|task| {
+            let (i, d0) = (task / per_seq, task % per_seq * chunk);
+            let d1 = (d0 + chunk).min(di);
             let r = batch.rows(i);
-            let off = layout.conv_offset(slot, layer.index);
-            kernels::conv1d_seq(
+            let off = layout.conv_offset(batch.slots[i], layer.index);
+            // Distinct slots (checked) and disjoint channel ranges: no two
+            // tasks share a state or an output value.
+            kernels::conv1d_channels(
                 &xz[r.start * 2 * di..r.end * 2 * di],
                 2 * di,
                 r.len(),
-                di,
                 k,
                 lw.conv_w.data,
                 lw.conv_b.map(|b| b.data),
-                &mut states[off..off + layout.conv_len()],
-                &mut out[r.start * di..r.end * di],
+                d0,
+                st.part(off + d0 * k..off + d1 * k),
+                |t, d, v| {
+                    let at = (r.start + t) * di + d;
+                    kernels::copy_run(out.part(at..at + v.len()), v)
+                },
             );
-        }
+        });
         Ok(())
     }
 

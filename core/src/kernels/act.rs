@@ -17,11 +17,16 @@ pub fn exp_fast(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `shifted` is ROUND + n exactly (|n| <= 127; ROUND's ulp is 1), so its
+    // low bits are n: integer steps that vectorise, where `n as i32` (a
+    // saturating conversion) went lane by lane. A NaN gives a NaN `p`.
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    p * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// `ln(1 + e^x)`, passing `x` through above 20 as torch does.
@@ -71,6 +76,29 @@ mod tests {
         assert_eq!(softplus(25.0), 25.0);
         assert!((softplus(0.0) - core::f32::consts::LN_2).abs() < 1e-7);
         assert!((softplus(-30.0) - libm::expf(-30.0)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn exp_fast_takes_the_exponent_from_the_rounding_bits_as_a_conversion_would() {
+        // The same steps with `n as i32` for the power of two.
+        fn converted(x: f32) -> f32 {
+            let x = x.clamp(-87.0, 88.0);
+            let n = (x * core::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+            let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+            let p = 1.0
+                + r * (1.0
+                    + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+            p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+        }
+        let mut x = -100.0f32;
+        while x < 100.0 {
+            assert_eq!(exp_fast(x).to_bits(), converted(x).to_bits(), "x = {x}");
+            x += 0.000_37;
+        }
+        for x in [f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN, 0.0, -0.0, 1e-30] {
+            assert_eq!(exp_fast(x).to_bits(), converted(x).to_bits(), "x = {x}");
+        }
+        assert!(exp_fast(f32::NAN).is_nan());
     }
 
     #[test]

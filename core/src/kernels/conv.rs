@@ -5,138 +5,182 @@
 //! newest input.
 
 use super::act::silu;
+use super::conv_avx512;
 use super::simd::multiversion;
 use crate::config::MAX_D_CONV;
 use crate::tensor::WData;
 
 /// Channels per block of the prefill conv: one vector register of f32.
 const LANES: usize = 16;
+/// Tokens ahead whose inputs a block asks the cache for.
+const AHEAD: usize = 8;
 
 multiversion! {
-    /// One sequence of `len` tokens. `xz`: `[len, xz_stride]` with the conv
-    /// input `x` in columns `0..d_inner`; `w`: `[d_inner, K]`; `bias`: `[d_inner]`;
-    /// `state`: `[d_inner, K]`, read as the history before the first token and
-    /// left holding the last `K` inputs; `out`: `[len, d_inner]`, SiLU applied.
+    /// Channels `d0 .. d0 + state.len() / K` of one sequence of `len`
+    /// tokens, handing `out[t, d..d + v.len()]` (SiLU applied) to
+    /// `write(t, d, v)`, so threads can take disjoint channel ranges. `xz`:
+    /// `[len, xz_stride]` with the conv input `x` in columns `0..d_inner`;
+    /// `w`: `[d_inner, K]`; `bias`: `[d_inner]`; `state`: those channels'
+    /// `[_, K]`, read as the history before the first token and left
+    /// holding the last `K` inputs.
     ///
-    /// Blocks of 16 channels (one f32 vector register) go through all tokens at once, the taps
-    /// and the window of the last `K` inputs held per block, so the work per
-    /// token is a few vector operations.
+    /// Blocks of 16 channels (one f32 vector register) go through all
+    /// tokens at once, the taps and the window of the last `K` inputs held
+    /// per block, so the work per token is a few vector operations. The
+    /// decode step is the same kernel over one token.
     #[allow(clippy::too_many_arguments)]
-    pub fn conv1d_seq(
+    pub fn conv1d_channels(
         xz: &[f32],
         xz_stride: usize,
         len: usize,
-        d_inner: usize,
-        k: usize,
-        w: WData<'_>,
-        bias: Option<WData<'_>>,
-        state: &mut [f32],
-        out: &mut [f32],
-    ) {
-        let mut d0 = 0;
-        while d0 < d_inner {
-            let n = LANES.min(d_inner - d0);
-            // taps[c][j] = w[d0 + j, c]; win[c][j] = the input c places
-            // before the newest, oldest first (starting as the state).
-            let mut taps = [[0.0f32; LANES]; MAX_D_CONV];
-            let mut win = [[0.0f32; LANES]; MAX_D_CONV];
-            let mut b = [0.0f32; LANES];
-            for j in 0..n {
-                for c in 0..k {
-                    taps[c][j] = w.get((d0 + j) * k + c);
-                    win[c][j] = state[(d0 + j) * k + c];
-                }
-                b[j] = bias.map_or(0.0, |v| v.get(d0 + j));
-            }
-            for t in 0..len {
-                shift_window(&mut win, k);
-                let xr = &xz[t * xz_stride + d0..t * xz_stride + d0 + n];
-                super::copy_run(&mut win[k - 1], xr);
-                let mut acc = b;
-                for c in 0..k {
-                    for j in 0..LANES {
-                        acc[j] += taps[c][j] * win[c][j];
-                    }
-                }
-                for (o, &v) in out[t * d_inner + d0..t * d_inner + d0 + n].iter_mut().zip(&acc) {
-                    *o = silu(v);
-                }
-            }
-            for j in 0..n {
-                for c in 0..k {
-                    state[(d0 + j) * k + c] = win[c][j];
-                }
-            }
-            d0 += n;
-        }
-    }
-}
-
-multiversion! {
-    /// One token, channels `d0 .. d0 + out.len()`: shift each channel's state
-    /// left, append `x[d]`, convolve. `x`: `[d_inner]`; `w`: `[d_inner, K]`;
-    /// `state`: `[out.len(), K]` (those channels'); `out`: SiLU applied.
-    pub fn conv1d_step(
-        x: &[f32],
         k: usize,
         w: WData<'_>,
         bias: Option<WData<'_>>,
         d0: usize,
         state: &mut [f32],
-        out: &mut [f32],
+        write: impl FnMut(usize, usize, &[f32]),
     ) {
-        let n = out.len();
-        // The bias first, as the prefill kernel sums.
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = bias.map_or(0.0, |b| b.get(d0 + i));
+        let mut write = write;
+        let channels = state.len() / k.max(1);
+        let mut c0 = 0;
+        while c0 < channels {
+            let n = LANES.min(channels - c0);
+            let st = &mut state[c0 * k..(c0 + n) * k];
+            let block = (xz, xz_stride, len, w, bias, d0 + c0);
+            // Fixed widths (every Mamba-1 has 4) shift the window by
+            // renaming registers; other widths go through memory.
+            match k {
+                4 => conv_block::<4>(block, 4, st, &mut write),
+                3 => conv_block::<3>(block, 3, st, &mut write),
+                2 => conv_block::<2>(block, 2, st, &mut write),
+                _ => conv_block::<0>(block, k, st, &mut write),
+            }
+            c0 += n;
         }
-        let x = &x[d0..d0 + n];
-        match w {
-            WData::F32(ws) => taps(x, k, &ws[d0 * k..], |v| v, state, out),
-            WData::F16(ws) => taps(x, k, &ws[d0 * k..], |v| v.to_f32(), state, out),
-            WData::BF16(ws) => taps(x, k, &ws[d0 * k..], crate::tensor::bf16_to_f32, state, out),
-            // The loaders never quantize the conv (validate refuses it); exact all the same.
-            WData::Q8_0 { .. } => {
-                let mut buf = [0.0f32; LANES * MAX_D_CONV];
-                for c0 in (0..n).step_by(LANES) {
-                    let m = LANES.min(n - c0);
-                    for (i, v) in buf[..m * k].iter_mut().enumerate() {
-                        *v = w.get((d0 + c0) * k + i);
-                    }
-                    let (st, o) = (&mut state[c0 * k..(c0 + m) * k], &mut out[c0..c0 + m]);
-                    taps(&x[c0..c0 + m], k, &buf[..m * k], |v| v, st, o);
-                }
+    }
+}
+
+/// `conv1d_channels` over all `d_inner` channels into `out`: `[len, d_inner]`
+/// (`state`: `[d_inner, K]`).
+#[allow(clippy::too_many_arguments)]
+pub fn conv1d_seq(
+    xz: &[f32],
+    xz_stride: usize,
+    len: usize,
+    d_inner: usize,
+    k: usize,
+    w: WData<'_>,
+    bias: Option<WData<'_>>,
+    state: &mut [f32],
+    out: &mut [f32],
+) {
+    conv1d_channels(xz, xz_stride, len, k, w, bias, 0, &mut state[..d_inner * k], |t, d, v| {
+        super::copy_run(&mut out[t * d_inner + d..], v)
+    });
+}
+
+/// One token, channels `d0 .. d0 + out.len()`: shift each channel's state
+/// left, append `x[d]`, convolve. `x`: `[d_inner]`; `w`: `[d_inner, K]`;
+/// `state`: `[out.len(), K]` (those channels'); `out`: SiLU applied.
+pub fn conv1d_step(
+    x: &[f32],
+    k: usize,
+    w: WData<'_>,
+    bias: Option<WData<'_>>,
+    d0: usize,
+    state: &mut [f32],
+    out: &mut [f32],
+) {
+    let n = out.len();
+    conv1d_channels(x, 0, 1, k, w, bias, d0, &mut state[..n * k], |_, d, v| {
+        super::copy_run(&mut out[d - d0..], v)
+    });
+}
+
+/// What a block reads: `xz`, its stride, the tokens, the taps, the bias and
+/// the block's first channel.
+type Block<'x, 'w> = (&'x [f32], usize, usize, WData<'w>, Option<WData<'w>>, usize);
+
+/// Up to [`LANES`] channels from `d0` (`state`: their `[n, k]`), `K == k`
+/// or 0 for a run-time width. Per channel and token: the bias, then each
+/// tap times its input oldest first (a multiply, then an add), then SiLU.
+#[inline(always)]
+fn conv_block<const K: usize>(
+    (xz, xz_stride, len, w, bias, d0): Block<'_, '_>,
+    k: usize,
+    state: &mut [f32],
+    write: &mut impl FnMut(usize, usize, &[f32]),
+) {
+    let k = if K == 0 { k } else { K };
+    let n = state.len() / k;
+    // The block's rows of w widened in one pass (the dtype matched once,
+    // not per element: the decode step is mostly this set-up).
+    let mut flat = [0.0f32; LANES * MAX_D_CONV];
+    widen_into(w, d0 * k, &mut flat[..n * k]);
+    let mut b = [0.0f32; LANES];
+    if let Some(bias) = bias {
+        widen_into(bias, d0, &mut b[..n]);
+    }
+    let x = |t: usize| {
+        let row = t * xz_stride + d0;
+        super::simd::prefetch(xz.as_ptr().wrapping_add(row + AHEAD * xz_stride));
+        &xz[row..row + n]
+    };
+    if K == conv_avx512::K && n == conv_avx512::N {
+        let block = <&mut [f32; conv_avx512::N * conv_avx512::K]>::try_from(&mut *state)
+            .ok()
+            .zip(flat.first_chunk::<{ conv_avx512::N * conv_avx512::K }>());
+        if let Some((st, taps)) = block {
+            let x16 = |t| x(t).first_chunk::<{ conv_avx512::N }>().expect("a whole block");
+            if conv_avx512::block16(len, st, taps, &b, x16, &mut |t, v| write(t, d0, v)) {
+                return;
             }
         }
-        // SiLU as its own pass: it vectorises.
-        for o in out.iter_mut() {
-            *o = silu(*o);
+    }
+    // taps[c][j] = w[d0 + j, c]; win[c][j] = the input k - 1 - c tokens
+    // before the newest of channel d0 + j (starting as the state).
+    let mut taps = [[0.0f32; LANES]; MAX_D_CONV];
+    let mut win = [[0.0f32; LANES]; MAX_D_CONV];
+    for j in 0..n {
+        for c in 0..k {
+            taps[c][j] = flat[j * k + c];
+            win[c][j] = state[j * k + c];
+        }
+    }
+    for t in 0..len {
+        for c in 1..k {
+            win[c - 1] = win[c];
+        }
+        super::copy_run(&mut win[k - 1], x(t));
+        let mut acc = b;
+        for c in 0..k {
+            for j in 0..LANES {
+                acc[j] += taps[c][j] * win[c][j];
+            }
+        }
+        for v in acc.iter_mut() {
+            *v = silu(*v);
+        }
+        write(t, d0, &acc[..n]);
+    }
+    for j in 0..n {
+        for c in 0..k {
+            state[j * k + c] = win[c][j];
         }
     }
 }
 
-/// `win[..k]` moved one place to the front. The usual widths (every
-/// Mamba-1 has 4) are constant-size copies, a few register moves; a
-/// run-time width's `copy_within` is a memmove call (it had been 4% of
-/// batch-64 decode, one a channel).
+/// `out[i] = w[start + i]` as f32.
 #[inline(always)]
-fn shift_window<T: Copy>(win: &mut [T], k: usize) {
-    match k {
-        4 => win.copy_within(1..4, 0),
-        3 => win.copy_within(1..3, 0),
-        2 => win.copy_within(1..2, 0),
-        _ => win.copy_within(1..k, 0),
-    }
-}
-
-/// Each channel: shift its window, take the new input, add the taps in order.
-#[inline(always)]
-fn taps<T: Copy>(x: &[f32], k: usize, w: &[T], widen: impl Fn(T) -> f32, state: &mut [f32], out: &mut [f32]) {
-    for (((s, o), &xv), wr) in state.chunks_exact_mut(k).zip(out.iter_mut()).zip(x).zip(w.chunks_exact(k)) {
-        shift_window(s, k);
-        s[k - 1] = xv;
-        for (&v, &g) in s.iter().zip(wr) {
-            *o += widen(g) * v;
+fn widen_into(w: WData<'_>, start: usize, out: &mut [f32]) {
+    let end = start + out.len();
+    match w {
+        WData::F32(v) => out.copy_from_slice(&v[start..end]),
+        WData::F16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, h)| *o = h.to_f32()),
+        WData::BF16(v) => {
+            out.iter_mut().zip(&v[start..end]).for_each(|(o, &h)| *o = crate::tensor::bf16_to_f32(h))
         }
+        // The loaders never quantize the conv (validate refuses it); exact all the same.
+        WData::Q8_0 { .. } => out.iter_mut().enumerate().for_each(|(i, o)| *o = w.get(start + i)),
     }
 }

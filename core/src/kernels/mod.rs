@@ -8,6 +8,7 @@ pub mod act;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub mod avx512;
 pub mod conv;
+pub mod conv_avx512;
 pub mod dot;
 pub mod embed;
 pub mod linear;
@@ -41,7 +42,7 @@ pub fn copy_run(dst: &mut [f32], src: &[f32]) {
         dst[..src.len()].copy_from_slice(src);
     }
 }
-pub use conv::{conv1d_seq, conv1d_step};
+pub use conv::{conv1d_channels, conv1d_seq, conv1d_step};
 pub use dot::{dot, dot4, dot_portable};
 pub use embed::embed_rows;
 pub use linear::{dt_proj_softplus, linear};

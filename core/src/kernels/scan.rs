@@ -12,6 +12,9 @@ use super::simd::multiversion;
 use crate::config::MAX_D_STATE;
 use crate::tensor::WData;
 
+/// Tokens ahead whose inputs a channel block asks the cache for.
+const AHEAD: usize = 8;
+
 /// `A = -exp(A_log)`, computed once at load. `a_log`, `out`: `[d_inner * d_state]`.
 pub fn a_from_a_log(a_log: WData<'_>, out: &mut [f32]) {
     for (i, o) in out.iter_mut().enumerate().take(a_log.len()) {
@@ -152,6 +155,12 @@ fn scan_block<const FULL: usize>(
     let done = FULL == LANES && {
         let token = |t: usize| {
             let (o, bc) = (t * d_inner + d0, t * xp + dt_rank);
+            let (o_next, bc_next) = (o + AHEAD * d_inner, bc + AHEAD * xp);
+            for p in [x.as_ptr().wrapping_add(o_next), dt.as_ptr().wrapping_add(o_next)] {
+                super::simd::prefetch(p);
+            }
+            super::simd::prefetch(dbc.as_ptr().wrapping_add(bc_next));
+            super::simd::prefetch(dbc.as_ptr().wrapping_add(bc_next + 2 * LANES - 1));
             scan_avx512::Token {
                 x: fixed(x, o),
                 dt: fixed(dt, o),

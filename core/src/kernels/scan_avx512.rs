@@ -78,6 +78,9 @@ pub fn step16(
 }
 
 #[cfg(target_arch = "x86_64")]
+pub(crate) use x86::exp16;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Token, N};
     use core::arch::x86_64::*;
@@ -85,7 +88,7 @@ mod x86 {
     /// [`crate::kernels::act::exp_fast`], lane-wise, the same operations in
     /// the same order.
     #[inline(always)]
-    pub(super) unsafe fn exp16(x: __m512) -> __m512 {
+    pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
         const LOG2E: f32 = core::f32::consts::LOG2_E;
         const LN2_HI: f32 = 0.693_145_75;
         const LN2_LO: f32 = 1.428_606_8e-6;

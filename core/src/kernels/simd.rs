@@ -50,6 +50,22 @@ pub fn avx512_enabled() -> bool {
     AVX512.load(Ordering::Relaxed)
 }
 
+/// Ask for the cache line holding `p` ahead of its use: a hint that never
+/// faults (the address is not dereferenced, so it may be out of bounds).
+/// Kernels that walk a column of a row-major buffer (16 channels a token)
+/// would otherwise wait on every row: a stride the prefetchers miss.
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch has no effect on memory and never faults; SSE is
+    // part of x86-64.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Defines `pub fn $name` whose body is compiled three times, for AVX-512,
 /// for AVX2 and portable, and picked at run time by the switches above. The
 /// body is ordinary Rust: this lets the compiler vectorise it at the wider

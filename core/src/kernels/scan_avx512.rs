@@ -197,23 +197,31 @@ mod x86 {
             let xv = _mm512_loadu_ps(tk.x.as_ptr());
             let dtv = _mm512_loadu_ps(tk.dt.as_ptr());
             let dtx = _mm512_mul_ps(dtv, xv);
-            let mut p = [_mm512_setzero_ps(); N];
-            for n in 0..N {
-                let e = exp16(_mm512_mul_ps(dtv, _mm512_loadu_ps(at[n].as_ptr())));
-                let v = _mm512_add_ps(_mm512_mul_ps(e, hv[n]), _mm512_mul_ps(dtx, _mm512_set1_ps(tk.b[n])));
-                hv[n] = v;
-                p[n] = _mm512_add_ps(_mm512_setzero_ps(), _mm512_mul_ps(v, _mm512_set1_ps(tk.c[n])));
+            // State n's term of y: its update, then `0 + h C` (as the
+            // portable lanes). Spelled out per state, so the 16 states stay
+            // in registers (a loop over them kept them on the stack).
+            macro_rules! term {
+                ($n:literal) => {{
+                    let e = exp16(_mm512_mul_ps(dtv, _mm512_loadu_ps(at[$n].as_ptr())));
+                    let v =
+                        _mm512_add_ps(_mm512_mul_ps(e, hv[$n]), _mm512_mul_ps(dtx, _mm512_set1_ps(tk.b[$n])));
+                    hv[$n] = v;
+                    _mm512_add_ps(_mm512_setzero_ps(), _mm512_mul_ps(v, _mm512_set1_ps(tk.c[$n])))
+                }};
             }
-            // lane_sum's tree across the states.
-            let mut w = N;
-            while w > 1 {
-                w /= 2;
-                for n in 0..w {
-                    p[n] = _mm512_add_ps(p[n], p[n + w]);
-                }
+            // lane_sum's tree across the states (n + 8, then + 4, + 2, + 1),
+            // walked depth first so a few partial sums are live, not 16.
+            macro_rules! pair {
+                ($a:literal, $b:literal) => {
+                    _mm512_add_ps(term!($a), term!($b))
+                };
             }
+            use _mm512_add_ps as add;
+            let even = add(add(pair!(0, 8), pair!(4, 12)), add(pair!(2, 10), pair!(6, 14)));
+            let odd = add(add(pair!(1, 9), pair!(5, 13)), add(pair!(3, 11), pair!(7, 15)));
+            let p0 = add(even, odd);
             let mut y = [0.0f32; N];
-            _mm512_storeu_ps(y.as_mut_ptr(), _mm512_add_ps(p[0], _mm512_mul_ps(ddv, xv)));
+            _mm512_storeu_ps(y.as_mut_ptr(), _mm512_add_ps(p0, _mm512_mul_ps(ddv, xv)));
             write(t, &y);
         }
         for n in 0..N {

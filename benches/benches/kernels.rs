@@ -41,6 +41,8 @@ fn bench_kernels(c: &mut Criterion) {
             ("in_proj", &l.in_proj, 1),
             ("in_proj", &l.in_proj, 32),
             ("out_proj", &l.out_proj, 1),
+            ("dt_proj", &l.dt_proj, 1),
+            ("dt_proj", &l.dt_proj, 32),
             ("lm_head", m.head(), 1),
         ] {
             let x = activations(rows * w.cols, 1, -1.0, 1.0);

@@ -12,6 +12,7 @@
 //! decode repeats simply continue the same sequences.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mamba_core::{Parallel, WData};
@@ -19,6 +20,7 @@ use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
+use crate::profile::{OpTime, Profile};
 use crate::sampling::{argmax, Rng};
 use crate::session::{LogitsMode, Session};
 
@@ -33,11 +35,77 @@ pub struct BenchConfig {
     pub batch: usize,
     /// Timed runs of each phase (the median is reported).
     pub repeats: usize,
+    /// After the timed runs, one more prefill and decode with every op
+    /// timed ([`BenchReport::profile`]).
+    pub profile: bool,
 }
 
 impl Default for BenchConfig {
     fn default() -> Self {
-        BenchConfig { prompt_tokens: 128, gen_tokens: 32, batch: 1, repeats: 3 }
+        BenchConfig { prompt_tokens: 128, gen_tokens: 32, batch: 1, repeats: 3, profile: false }
+    }
+}
+
+/// Where the time of one prefill and of the decode steps went, op by op.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpProfile {
+    pub prefill: Vec<OpTime>,
+    pub decode: Vec<OpTime>,
+    /// Decode steps the `decode` times are summed over.
+    pub decode_steps: usize,
+}
+
+impl OpProfile {
+    /// `[{op, calls, ms, share, gb_s}]` per op: milliseconds per pass (a
+    /// prefill, or a decode step), share of the ops' total, and the rate the
+    /// op read its weights at.
+    fn rows(ops: &[OpTime], passes: usize) -> serde_json::Value {
+        let total: f64 = ops.iter().map(|o| o.time.as_secs_f64()).sum();
+        let passes = passes.max(1) as f64;
+        ops.iter()
+            .map(|o| {
+                let t = o.time.as_secs_f64();
+                json!({
+                    "op": o.name,
+                    "calls": o.calls as f64 / passes,
+                    "ms": t * 1e3 / passes,
+                    "share": if total > 0.0 { t / total } else { 0.0 },
+                    "gb_s": if t > 0.0 { o.weight_bytes as f64 / t / 1e9 } else { 0.0 },
+                })
+            })
+            .collect()
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "prefill": Self::rows(&self.prefill, 1),
+            "decode_step": Self::rows(&self.decode, self.decode_steps),
+        })
+    }
+
+    /// A text table per phase.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        for (phase, rows) in [
+            ("prefill", Self::rows(&self.prefill, 1)),
+            ("decode step", Self::rows(&self.decode, self.decode_steps)),
+        ] {
+            out += &format!("  {phase:<12} {:>9} {:>10} {:>7} {:>8}\n", "calls", "ms", "share", "GB/s");
+            for r in rows.as_array().into_iter().flatten() {
+                out += &format!(
+                    "    {:<10} {:>9.0} {:>10.3} {:>6.1}% {:>8.1}\n",
+                    r["op"].as_str().unwrap_or(""),
+                    r["calls"].as_f64().unwrap_or(0.0),
+                    r["ms"].as_f64().unwrap_or(0.0),
+                    100.0 * r["share"].as_f64().unwrap_or(0.0),
+                    r["gb_s"].as_f64().unwrap_or(0.0),
+                );
+            }
+            let total: f64 =
+                rows.as_array().into_iter().flatten().map(|r| r["ms"].as_f64().unwrap_or(0.0)).sum();
+            out += &format!("    {:<10} {:>9} {:>10.3}\n", "total", "", total);
+        }
+        out
     }
 }
 
@@ -70,6 +138,8 @@ pub struct BenchReport {
     pub read_gb_s: f64,
     /// The batch-1 decode bound that read rate sets: `read_gb_s / bytes per token`.
     pub decode_bound_tok_s: f64,
+    /// Time per op, when asked for ([`BenchConfig::profile`]).
+    pub profile: Option<OpProfile>,
 }
 
 /// Weight bytes a decode step reads at batch 1 (see [`BenchReport::decode_bytes_per_token`]).
@@ -93,7 +163,7 @@ fn decode_weights(model: &LoadedModel) -> Result<Vec<&[u8]>> {
 }
 
 /// The stored bytes of `d` (Q8_0: the quants, then the scales).
-fn data_bytes(d: WData<'_>) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn data_bytes(d: WData<'_>) -> impl Iterator<Item = &[u8]> {
     let (a, b): (&[u8], &[u8]) = match d {
         WData::F32(d) => (bytemuck::cast_slice(d), &[]),
         WData::F16(d) => (bytemuck::cast_slice(d), &[]),
@@ -204,6 +274,8 @@ pub fn run(model: &LoadedModel, par: &dyn Parallel, cfg: &BenchConfig) -> Result
         times.push(t0.elapsed());
     }
     let decode = median(times);
+    let profile =
+        if cfg.profile { Some(profile_passes(&mut session, &seqs, &slots, cfg.gen_tokens)?) } else { None };
 
     let bytes_per_step = decode_bytes_per_token(model)?;
     let read_gb_s = read_rate_gb_s(model, par)?;
@@ -228,7 +300,34 @@ pub fn run(model: &LoadedModel, par: &dyn Parallel, cfg: &BenchConfig) -> Result
         state_bytes_per_seq: model.cfg.footprint().state_bytes_per_seq(),
         read_gb_s,
         decode_bound_tok_s: read_gb_s * 1e9 / bytes_per_step.max(1) as f64,
+        profile,
     })
+}
+
+/// One prefill of `seqs` and `steps` decode steps with every op timed.
+fn profile_passes(
+    session: &mut Session<'_>,
+    seqs: &[&[u32]],
+    slots: &[usize],
+    steps: usize,
+) -> Result<OpProfile> {
+    let p = Arc::new(Profile::new());
+    session.set_profile(Some(p.clone()));
+    let out = (|| {
+        for &s in slots {
+            session.reset(s)?;
+        }
+        session.prefill(seqs, slots, LogitsMode::Last)?;
+        let prefill = p.ops();
+        p.clear();
+        let tokens = vec![0; slots.len()];
+        for _ in 0..steps {
+            session.step(&tokens, slots)?;
+        }
+        Ok(OpProfile { prefill, decode: p.ops(), decode_steps: steps })
+    })();
+    session.set_profile(None);
+    out
 }
 
 impl BenchReport {
@@ -249,6 +348,7 @@ impl BenchReport {
             "state_bytes_per_seq": self.state_bytes_per_seq,
             "read_gb_s": self.read_gb_s,
             "decode_bound_tokens_per_s": self.decode_bound_tok_s,
+            "profile": self.profile.as_ref().map(OpProfile::to_json),
         })
     }
 
@@ -303,7 +403,7 @@ mod tests {
 
     #[test]
     fn bench_a_tiny_model() {
-        let cfg = BenchConfig { prompt_tokens: 9, gen_tokens: 4, batch: 3, repeats: 2 };
+        let cfg = BenchConfig { prompt_tokens: 9, gen_tokens: 4, batch: 3, repeats: 2, profile: false };
         for dtype in [DType::F32, DType::BF16] {
             let m = synthetic_model(&TINY, dtype, 3).unwrap();
             let r = run(&m, &Sequential, &cfg).unwrap();
@@ -335,11 +435,43 @@ mod tests {
     }
 
     #[test]
+    fn a_profile_times_every_op_of_a_prefill_and_the_decode_steps() {
+        let m = synthetic_model(&TINY, DType::F32, 3).unwrap();
+        let cfg = BenchConfig { prompt_tokens: 9, gen_tokens: 5, batch: 2, repeats: 1, profile: true };
+        let r = run(&m, &Sequential, &cfg).unwrap();
+        let p = r.profile.as_ref().expect("asked for a profile");
+        assert_eq!(p.decode_steps, 5);
+        let calls = |ops: &[OpTime], name: &str| ops.iter().find(|o| o.name == name).map(|o| o.calls);
+        let layers = TINY.n_layer as u64;
+        for name in ["in_proj", "conv1d", "x_proj", "dt_proj", "scan", "out_proj"] {
+            assert_eq!(calls(&p.prefill, name), Some(layers), "prefill {name}");
+            assert_eq!(calls(&p.decode, name), Some(5 * layers), "decode {name}");
+        }
+        assert_eq!(calls(&p.prefill, "lm_head"), Some(1));
+        assert_eq!(calls(&p.decode, "lm_head"), Some(5));
+        assert_eq!(calls(&p.decode, "embed"), Some(5));
+        // The products read their whole matrix each call.
+        let view = m.view().unwrap();
+        let in_proj = view.model().layers[0].in_proj.data.len() as u64 * 4;
+        let op = p.decode.iter().find(|o| o.name == "in_proj").unwrap();
+        assert_eq!(op.weight_bytes, 5 * layers * in_proj);
+        let j = r.to_json();
+        let rows = j["profile"]["decode_step"].as_array().unwrap();
+        let share: f64 = rows.iter().map(|r| r["share"].as_f64().unwrap()).sum();
+        assert!((share - 1.0).abs() < 1e-9, "shares sum to {share}");
+        assert_eq!(rows.iter().find(|r| r["op"] == "in_proj").unwrap()["calls"], layers as f64);
+        assert!(p.table().contains("decode step") && p.table().contains("lm_head"));
+        // Without the flag, no profile.
+        let plain = run(&m, &Sequential, &BenchConfig { profile: false, ..cfg }).unwrap();
+        assert!(plain.profile.is_none() && plain.to_json()["profile"].is_null());
+    }
+
+    #[test]
     fn zero_sizes_are_refused() {
         let m = synthetic_model(&TINY, DType::F32, 3).unwrap();
         let cfg = BenchConfig { batch: 0, ..BenchConfig::default() };
         assert!(run(&m, &Sequential, &cfg).is_err());
-        let cfg = BenchConfig { gen_tokens: 0, prompt_tokens: 4, repeats: 1, batch: 1 };
+        let cfg = BenchConfig { gen_tokens: 0, prompt_tokens: 4, repeats: 1, batch: 1, profile: false };
         let r = run(&m, &Sequential, &cfg).unwrap();
         assert_eq!(r.decode_tok_s, 0.0);
     }

@@ -19,6 +19,7 @@ pub mod generate;
 pub mod hub;
 pub mod model;
 pub mod parallel;
+pub mod profile;
 pub mod quantize;
 // The thread pool hands borrowed task functions to its workers.
 pub mod sampling;

@@ -12,8 +12,11 @@ use mamba_core::{
 
 pub use mamba_core::LogitsMode;
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, ModelView};
+use crate::profile::{Profile, Timed};
 
 /// Default prefill chunk (tokens of all sequences together). 256 keeps the
 /// scratch (about 37 KB a token at the 130m shape) and a 64-prompt batch's
@@ -31,6 +34,8 @@ pub struct Session<'m> {
     scratch: Vec<f32>,
     /// Tokens per prefill chunk (all sequences of the chunk together).
     pub chunk_tokens: usize,
+    /// Where each op's time goes, when set ([`Session::set_profile`]).
+    profile: Option<Arc<Profile>>,
 }
 
 impl<'m> Session<'m> {
@@ -49,7 +54,13 @@ impl<'m> Session<'m> {
             layout,
             scratch: vec![],
             chunk_tokens: DEFAULT_CHUNK_TOKENS,
+            profile: None,
         })
+    }
+
+    /// Time every op of the passes that follow into `profile` (`None`: stop).
+    pub fn set_profile(&mut self, profile: Option<Arc<Profile>>) {
+        self.profile = profile;
     }
 
     pub fn cfg(&self) -> &MambaConfig {
@@ -197,8 +208,19 @@ impl<'m> Session<'m> {
         let cfg = self.model.cfg;
         let plan = ScratchPlan::new(&cfg, tokens.len(), logit_rows.len());
         let mut s = scratch_for(&mut self.scratch, &plan)?;
-        let ops = CpuBackend::new(self.par);
-        driver::prefill(&ops, &self.view.model(), tokens, batch, logit_rows, &mut self.states, &mut s)?;
+        let (ops, model) = (CpuBackend::new(self.par), self.view.model());
+        match self.profile.as_deref() {
+            Some(p) => driver::prefill(
+                &Timed::new(ops, &model, p),
+                &model,
+                tokens,
+                batch,
+                logit_rows,
+                &mut self.states,
+                &mut s,
+            )?,
+            None => driver::prefill(&ops, &model, tokens, batch, logit_rows, &mut self.states, &mut s)?,
+        }
         let n = logit_rows.len() * cfg.vocab_size;
         Ok(&s.logits[..n])
     }
@@ -214,8 +236,13 @@ impl<'m> Session<'m> {
         let cfg = self.model.cfg;
         let plan = ScratchPlan::new(&cfg, tokens.len(), tokens.len());
         let mut s = scratch_for(&mut self.scratch, &plan)?;
-        let ops = CpuBackend::new(self.par);
-        driver::step(&ops, &self.view.model(), tokens, slots, &mut self.states, &mut s)?;
+        let (ops, model) = (CpuBackend::new(self.par), self.view.model());
+        match self.profile.as_deref() {
+            Some(p) => {
+                driver::step(&Timed::new(ops, &model, p), &model, tokens, slots, &mut self.states, &mut s)?
+            }
+            None => driver::step(&ops, &model, tokens, slots, &mut self.states, &mut s)?,
+        }
         Ok(&s.logits[..tokens.len() * cfg.vocab_size])
     }
 }

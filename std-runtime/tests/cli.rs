@@ -275,6 +275,22 @@ fn bench_reports_one_json_line_per_batch_size() {
     }
     assert!(err_text(&["bench", "--shape", "9000b"]).contains("130m"));
     assert!(err_text(&["bench", "-m", &model, "--batch", "0"]).contains("at least 1"));
+
+    // --profile: the same line with the time per op, and a table per phase in text.
+    json_args.push("--profile");
+    let line: Value = serde_json::from_str(ok_stdout(&json_args).lines().next().unwrap()).unwrap();
+    let ops: Vec<&str> = line["profile"]["decode_step"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["op"].as_str().unwrap())
+        .collect();
+    for op in ["in_proj", "conv1d", "x_proj", "dt_proj", "scan", "out_proj", "lm_head"] {
+        assert!(ops.contains(&op), "{op} in {ops:?}");
+    }
+    let text = ok_stdout(&[&args[..], &["--profile"]].concat());
+    assert!(text.contains("decode step") && text.contains("total"), "{text}");
+    assert!(err_text(&["bench", "--device", "cuda", "--shape", "130m", "--profile"]).contains("--profile"));
 }
 
 fn demo() -> PathBuf {

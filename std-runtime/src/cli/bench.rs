@@ -45,6 +45,10 @@ pub struct BenchArgs {
     /// One JSON line per configuration.
     #[arg(long)]
     pub json: bool,
+    /// Also time every op of one more prefill and of the decode steps, and
+    /// report where the time goes (ms per pass, share, weight GB/s per op).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 fn parse_dtype(s: &str) -> Result<DType> {
@@ -75,6 +79,9 @@ pub fn run_cmd(a: BenchArgs) -> Result<()> {
         bail!("--batch sizes must be at least 1");
     }
     let device = a.device.device()?;
+    if a.profile && matches!(device, Device::Cuda(_)) {
+        bail!("--profile times the CPU backend's ops; it has no CUDA version (the device runs them asynchronously)");
+    }
     if let Device::Cuda(i) = device {
         // Before building weights: a missing device is a quick, clear error.
         mamba_runtime::device::open_cuda(i).context("--device")?;
@@ -101,8 +108,13 @@ pub fn run_cmd(a: BenchArgs) -> Result<()> {
         println!("{}", BenchReport::table_header());
     }
     for &batch in &batches {
-        let cfg =
-            BenchConfig { prompt_tokens: a.prompt_len, gen_tokens: a.gen_len, batch, repeats: a.repeat };
+        let cfg = BenchConfig {
+            prompt_tokens: a.prompt_len,
+            gen_tokens: a.gen_len,
+            batch,
+            repeats: a.repeat,
+            profile: a.profile,
+        };
         let r = run(&model, &par, &cfg).with_context(|| format!("benchmark at batch {batch}"))?;
         if a.json {
             let mut v = r.to_json();
@@ -116,6 +128,9 @@ pub fn run_cmd(a: BenchArgs) -> Result<()> {
             println!("{v}");
         } else {
             println!("{}", r.table_line());
+            if let Some(p) = &r.profile {
+                print!("{}", p.table());
+            }
         }
     }
     Ok(())

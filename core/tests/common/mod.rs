@@ -51,3 +51,33 @@ pub fn has_avx512() -> bool {
         && std::is_x86_feature_detected!("avx512vl")
         && has_avx2()
 }
+
+/// Deterministic pseudo-random values in `[lo, hi]` (xorshift from `seed`).
+pub fn values(n: usize, seed: u32, lo: f32, hi: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(2654435761).wrapping_add(7);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            lo + (x as f32 / u32::MAX as f32) * (hi - lo)
+        })
+        .collect()
+}
+
+/// The bit patterns of `v`, to compare results exactly.
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// [`in_every_mode`], requiring every mode's `run(mode)` to equal the first's.
+pub fn same_in_every_mode<T: PartialEq>(mut run: impl FnMut(&str) -> T) {
+    let mut first: Option<T> = None;
+    in_every_mode(|mode| {
+        let got = run(mode);
+        match &first {
+            Some(want) => assert!(&got == want, "{mode} differs from the first mode"),
+            None => first = Some(got),
+        }
+    });
+}

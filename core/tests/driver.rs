@@ -2,6 +2,8 @@
 //! driver with the CPU backend, checked for chunk and batch invariance and
 //! for its errors.
 
+mod common;
+
 use half::bf16;
 use mamba_core::{
     driver, CoreError, CpuBackend, LayerWeights, MambaConfig, Model, Ragged, ScratchPlan, Tensor, WData,
@@ -24,15 +26,7 @@ const CFG: MambaConfig = MambaConfig {
 
 /// Deterministic pseudo-random values in [-scale, scale].
 fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(2654435761).wrapping_add(12345);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            (x as f32 / u32::MAX as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
+    common::values(n, seed, -scale, scale)
 }
 
 struct Owned {

@@ -95,6 +95,18 @@ impl<'a> WData<'a> {
             WData::Q8_0 { q, d } => q8_weight(q[i], d[i / Q8_BLOCK]),
         }
     }
+    /// `out[i] = self[start + i]` widened to f32, the dtype matched once
+    /// (not per element, as [`WData::get`] in a loop).
+    #[inline(always)]
+    pub fn widen_into(&self, start: usize, out: &mut [f32]) {
+        let end = start + out.len();
+        match self {
+            WData::F32(v) => out.copy_from_slice(&v[start..end]),
+            WData::F16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, h)| *o = h.to_f32()),
+            WData::BF16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, &h)| *o = bf16_to_f32(h)),
+            WData::Q8_0 { .. } => out.iter_mut().enumerate().for_each(|(i, o)| *o = self.get(start + i)),
+        }
+    }
     /// Elements `start..end` (for Q8_0, `start` on a block boundary).
     #[inline]
     pub fn slice(&self, start: usize, end: usize) -> WData<'a> {
@@ -236,6 +248,29 @@ impl<'a> Tensor<'a> {
             Ok(())
         } else {
             Err(CoreError::BadShape { what, expected: (rows, cols), got: (self.rows, self.cols) })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn widen_into_gives_what_get_gives_in_every_dtype() {
+        let v: [f32; 64] = core::array::from_fn(|i| (i as f32 * 0.37).sin() * 3.0);
+        let h: [f16; 64] = core::array::from_fn(|i| f16::from_f32(v[i]));
+        let b: [bf16; 64] = core::array::from_fn(|i| bf16::from_f32(v[i]));
+        let q: [i8; 64] = core::array::from_fn(|i| (i as i8).wrapping_mul(37));
+        let d = [f16::from_f32(0.5), f16::from_f32(-0.25)];
+        for w in [WData::F32(&v), WData::F16(&h), WData::BF16(&b), WData::Q8_0 { q: &q, d: &d }] {
+            for (start, n) in [(0, 64), (5, 20), (31, 2), (64, 0)] {
+                let mut out = [f32::NAN; 64];
+                w.widen_into(start, &mut out[..n]);
+                for (i, &o) in out[..n].iter().enumerate() {
+                    assert_eq!(o.to_bits(), w.get(start + i).to_bits(), "{:?} at {}", w.dtype(), start + i);
+                }
+            }
         }
     }
 }

@@ -276,8 +276,13 @@ fn blocked(
     // would change no bits.
     let add_bias = |run: &mut [f32], o0: usize| {
         if let Some(bias) = bias {
-            for (i, v) in run.iter_mut().enumerate() {
-                *v += bias.data.get(o0 + i);
+            // Widened in one pass: a dtype match per element had cost as
+            // much as dt_proj's product.
+            let mut b = [0.0f32; PANEL_ROWS];
+            let b = &mut b[..run.len()];
+            bias.data.widen_into(o0, b);
+            for (v, b) in run.iter_mut().zip(b.iter()) {
+                *v += b;
             }
         }
     };

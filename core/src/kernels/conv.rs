@@ -41,7 +41,10 @@ multiversion! {
         write: impl FnMut(usize, usize, &[f32]),
     ) {
         let mut write = write;
-        let channels = state.len() / k.max(1);
+        if k == 0 {
+            return;
+        }
+        let channels = state.len() / k;
         let mut c0 = 0;
         while c0 < channels {
             let n = LANES.min(channels - c0);
@@ -116,10 +119,10 @@ fn conv_block<const K: usize>(
     // The block's rows of w widened in one pass (the dtype matched once,
     // not per element: the decode step is mostly this set-up).
     let mut flat = [0.0f32; LANES * MAX_D_CONV];
-    widen_into(w, d0 * k, &mut flat[..n * k]);
+    w.widen_into(d0 * k, &mut flat[..n * k]);
     let mut b = [0.0f32; LANES];
     if let Some(bias) = bias {
-        widen_into(bias, d0, &mut b[..n]);
+        bias.widen_into(d0, &mut b[..n]);
     }
     let x = |t: usize| {
         let row = t * xz_stride + d0;
@@ -167,20 +170,5 @@ fn conv_block<const K: usize>(
         for c in 0..k {
             state[j * k + c] = win[c][j];
         }
-    }
-}
-
-/// `out[i] = w[start + i]` as f32.
-#[inline(always)]
-fn widen_into(w: WData<'_>, start: usize, out: &mut [f32]) {
-    let end = start + out.len();
-    match w {
-        WData::F32(v) => out.copy_from_slice(&v[start..end]),
-        WData::F16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, h)| *o = h.to_f32()),
-        WData::BF16(v) => {
-            out.iter_mut().zip(&v[start..end]).for_each(|(o, &h)| *o = crate::tensor::bf16_to_f32(h))
-        }
-        // The loaders never quantize the conv (validate refuses it); exact all the same.
-        WData::Q8_0 { .. } => out.iter_mut().enumerate().for_each(|(i, o)| *o = w.get(start + i)),
     }
 }

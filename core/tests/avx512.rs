@@ -5,7 +5,7 @@
 mod common;
 
 use half::{bf16, f16};
-use mamba_core::kernels::{dot, dot_portable, linear, simd};
+use mamba_core::kernels::{dot, dot_portable, linear, linear_strided, simd};
 use mamba_core::{Tensor, WData};
 
 fn data(n: usize, seed: f32) -> Vec<f32> {
@@ -71,6 +71,18 @@ fn tiles_match_portable_and_are_independent_of_the_split() {
                     }
                 }
             }
+            // Rows read in place from a wider buffer (dt_proj's columns of
+            // x_proj's output) give the same bits as packed rows.
+            let stride = k + 5;
+            let mut wide = vec![f32::NAN; rows * stride];
+            for t in 0..rows {
+                wide[t * stride..t * stride + k].copy_from_slice(&x[t * k..(t + 1) * k]);
+            }
+            let mut strided = vec![f32::NAN; rows * n_out];
+            linear_strided((&wide, stride), rows, &w, Some(&bias), (0, n_out), |t, o, v| {
+                strided[t * n_out + o..t * n_out + o + v.len()].copy_from_slice(v)
+            });
+            assert_eq!(common::bits(&strided), common::bits(&whole), "{:?} k={k}: strided rows", wd.dtype());
             for (f0, f1) in [(0, 1), (1, 5), (4, 11), (3, 10), (7, n_out - 3)] {
                 let part = product(&x, rows, &w, Some(&bias), (f0, f1));
                 for t in 0..rows {

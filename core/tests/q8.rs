@@ -7,7 +7,7 @@
 mod common;
 
 use half::f16;
-use mamba_core::kernels::{dot, dot4, dot_portable, linear};
+use mamba_core::kernels::{dot, dot4, dot_portable, linear, linear_strided};
 use mamba_core::{CoreError, Tensor, WData, Q8_BLOCK};
 
 fn data(n: usize, seed: f32) -> Vec<f32> {
@@ -85,11 +85,26 @@ fn check_mode(mode: &str) {
         let qrow = |o: usize| (&q[o * k..(o + 1) * k], &d[o * k / Q8_BLOCK..(o + 1) * k / Q8_BLOCK]);
         for rows in [1, 3, 4, 9] {
             let x = data(rows * k, rows as f32);
+            // Rows read in place from a wider buffer: the same bits as packed rows.
+            let stride = k + 32;
+            let mut wide = vec![f32::NAN; rows * stride];
+            for t in 0..rows {
+                wide[t * stride..t * stride + k].copy_from_slice(&x[t * k..(t + 1) * k]);
+            }
+            let mut strided = vec![f32::NAN; rows * n_out];
+            linear_strided((&wide, stride), rows, &wq, None, (0, n_out), |t, o, v| {
+                strided[t * n_out + o..t * n_out + o + v.len()].copy_from_slice(v)
+            });
+            let packed = product(&x, rows, &wq, (0, n_out));
+            assert_eq!(common::bits(&strided), common::bits(&packed), "{mode}: k={k} rows={rows} strided");
             for f in [(0, n_out), (3, 7)] {
                 let (a, b) = (product(&x, rows, &wq, f), product(&x, rows, &wf, f));
                 if !ints {
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    assert_eq!(bits(&a), bits(&b), "{mode}: k={k} rows={rows} features {f:?}");
+                    assert_eq!(
+                        common::bits(&a),
+                        common::bits(&b),
+                        "{mode}: k={k} rows={rows} features {f:?}"
+                    );
                     continue;
                 }
                 for t in 0..rows {

@@ -37,7 +37,7 @@ const PANEL_ROWS: usize = 255;
 /// rows of `x` (`[rows, k]`, `k = w.cols`). Returns `false`, doing nothing,
 /// when the AVX-512 kernels are not switched on.
 pub fn linear(
-    x: &[f32],
+    (x, x_stride): (&[f32], usize),
     rows: usize,
     w: &Tensor<'_>,
     bias: Option<&Tensor<'_>>,
@@ -48,11 +48,13 @@ pub fn linear(
     if super::simd::avx512_enabled() {
         // The tiles read raw pointers: every row they touch must be in bounds.
         assert!(
-            f1 * w.cols <= w.len() && rows * w.cols <= x.len(),
+            f1 * w.cols <= w.len()
+                && x_stride >= w.cols
+                && (rows == 0 || (rows - 1) * x_stride + w.cols <= x.len()),
             "linear: operands shorter than their shapes"
         );
         let k = w.cols;
-        let rest = (x, rows, bias, (f0, f1));
+        let rest = ((x, x_stride), rows, bias, (f0, f1));
         match w.data {
             WData::F32(d) => blocked(&mut Floats::new(d.as_ptr(), k, 4), rest, store),
             WData::F16(d) => blocked(&mut Floats::new(d.as_ptr(), k, 2), rest, store),
@@ -66,7 +68,7 @@ pub fn linear(
         }
         return true;
     }
-    let _ = (x, rows, w, bias, f0, f1, store);
+    let _ = (x, x_stride, rows, w, bias, f0, f1, store);
     false
 }
 
@@ -100,9 +102,9 @@ pub fn dot(w: WData<'_>, x: &[f32]) -> Option<f32> {
     None
 }
 
-/// `x`, `rows`, `bias` and the feature range of a product.
+/// `x` and its row stride, `rows`, `bias` and the feature range of a product.
 #[cfg(target_arch = "x86_64")]
-type Operands<'x, 'b, 'w> = (&'x [f32], usize, Option<&'b Tensor<'w>>, (usize, usize));
+type Operands<'x, 'b, 'w> = ((&'x [f32], usize), usize, Option<&'b Tensor<'w>>, (usize, usize));
 
 /// One weight format's kernels, as [`blocked`] drives them over rows `[_, k]`.
 #[cfg(target_arch = "x86_64")]
@@ -113,11 +115,11 @@ trait Product {
     fn esize(&self) -> usize;
     /// The bytes the weights stream from (for prefetch hints).
     fn bytes(&self) -> *const u8;
-    /// Make rows `t0..t0 + nt` (`nt <= TILE_T`) of `x` the tokens of the
-    /// products that follow.
+    /// Make rows `t0..t0 + nt` (`nt <= TILE_T`) of `x`, `stride` apart, the
+    /// tokens of the products that follow.
     /// # Safety
     /// Those rows are in bounds; AVX-512 F/BW/VL are available.
-    unsafe fn tokens(&mut self, x: &[f32], t0: usize, nt: usize);
+    unsafe fn tokens(&mut self, x: &[f32], stride: usize, t0: usize, nt: usize);
     /// `out[i] = w[o + i] . ` the first token.
     /// # Safety
     /// Rows `o..o + out.len()` are in bounds; AVX-512 F/BW/VL are available.
@@ -131,7 +133,7 @@ trait Product {
     /// # Safety
     /// As [`Product::gemv`]; `x` holds `k` elements.
     unsafe fn row_dots(&mut self, x: &[f32], out: &mut [f32]) {
-        self.tokens(x, 0, 1);
+        self.tokens(x, self.k(), 0, 1);
         self.gemv(0, out);
     }
 }
@@ -143,12 +145,14 @@ struct Floats<W> {
     k: usize,
     esize: usize,
     x: *const f32,
+    /// Between the tokens' rows of `x`.
+    stride: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl<W: x86::Rows16> Floats<W> {
     fn new(w: W, k: usize, esize: usize) -> Self {
-        Floats { w, k, esize, x: core::ptr::null() }
+        Floats { w, k, esize, x: core::ptr::null(), stride: k }
     }
 }
 
@@ -163,8 +167,9 @@ impl<W: x86::Rows16> Product for Floats<W> {
     fn bytes(&self) -> *const u8 {
         self.w.bytes()
     }
-    unsafe fn tokens(&mut self, x: &[f32], t0: usize, _nt: usize) {
-        self.x = x.as_ptr().add(t0 * self.k);
+    unsafe fn tokens(&mut self, x: &[f32], stride: usize, t0: usize, _nt: usize) {
+        self.x = x.as_ptr().add(t0 * stride);
+        self.stride = stride;
     }
     unsafe fn gemv(&self, o: usize, out: &mut [f32]) {
         for (i, v) in out.iter_mut().enumerate() {
@@ -172,9 +177,9 @@ impl<W: x86::Rows16> Product for Floats<W> {
         }
     }
     unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R] {
-        let (w, k, x) = (self.w, self.k, self.x);
+        let (w, k, x, stride) = (self.w, self.k, self.x, self.stride);
         let rows = |i: usize| w.row(o + i, k);
-        let toks = |j: usize| x.add(j * k);
+        let toks = |j: usize| x.add(j * stride);
         macro_rules! call {
             ($r:literal, $t:literal) => {
                 x86::tile::<W, $r, $t>(core::array::from_fn(rows), core::array::from_fn(toks), k)
@@ -212,8 +217,8 @@ impl Product for Q8Ints {
     fn bytes(&self) -> *const u8 {
         x86::Rows16::bytes(self.w)
     }
-    unsafe fn tokens(&mut self, x: &[f32], t0: usize, nt: usize) {
-        self.x.quantize(x, t0, nt);
+    unsafe fn tokens(&mut self, x: &[f32], stride: usize, t0: usize, nt: usize) {
+        self.x.quantize(x, stride, t0, nt);
     }
     unsafe fn gemv(&self, o: usize, out: &mut [f32]) {
         for (i, v) in out.iter_mut().enumerate() {
@@ -268,7 +273,7 @@ fn place<const R: usize, const T: usize>(out: &mut [[f32; TILE_T]; TILE_R], v: [
 #[cfg(target_arch = "x86_64")]
 fn blocked(
     p: &mut impl Product,
-    (x, rows, bias, (f0, f1)): Operands<'_, '_, '_>,
+    ((x, stride), rows, bias, (f0, f1)): Operands<'_, '_, '_>,
     store: &mut impl FnMut(usize, usize, &[f32]),
 ) {
     // Features `o0..o0 + run.len()` get their bias. Without one nothing is
@@ -293,7 +298,7 @@ fn blocked(
         // rows read the lm head at half the rate), many rows per call.
         // SAFETY: row 0 of x is in bounds (asserted by the caller);
         // enable_avx512's contract gives the CPU features.
-        unsafe { p.tokens(x, 0, 1) };
+        unsafe { p.tokens(x, stride, 0, 1) };
         let mut buf = [0.0f32; 64];
         let mut o = f0;
         while o < f1 {
@@ -324,7 +329,7 @@ fn blocked(
         while t0 < rows {
             let nt = (rows - t0).min(TILE_T);
             // SAFETY: rows t0..t0+nt of x are in bounds (asserted by the caller).
-            unsafe { p.tokens(x, t0, nt) };
+            unsafe { p.tokens(x, stride, t0, nt) };
             let mut o = p0;
             while o < p1 {
                 let nr = if p1 - o >= TILE_R { TILE_R } else { 1 };

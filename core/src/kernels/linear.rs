@@ -20,14 +20,27 @@ pub fn linear(
     rows: usize,
     w: &Tensor<'_>,
     bias: Option<&Tensor<'_>>,
+    features: (usize, usize),
+    store: impl FnMut(usize, usize, &[f32]),
+) {
+    linear_strided((x, w.cols), rows, w, bias, features, store)
+}
+
+/// [`linear`] over rows of `x` that are `x_stride` apart (the first `in`
+/// values of each are the row), such as dt_proj's columns of `x_proj`'s output.
+pub fn linear_strided(
+    (x, x_stride): (&[f32], usize),
+    rows: usize,
+    w: &Tensor<'_>,
+    bias: Option<&Tensor<'_>>,
     (f0, f1): (usize, usize),
     mut store: impl FnMut(usize, usize, &[f32]),
 ) {
-    if super::avx512::linear(x, rows, w, bias, (f0, f1), &mut store) {
+    if super::avx512::linear((x, x_stride), rows, w, bias, (f0, f1), &mut store) {
         return;
     }
     let k = w.cols;
-    let xr = |t: usize| &x[t * k..(t + 1) * k];
+    let xr = |t: usize| &x[t * x_stride..t * x_stride + k];
     for o in f0..f1 {
         let wr = w.row(o);
         let b = bias.map_or(0.0, |b| b.data.get(o));
@@ -46,11 +59,6 @@ pub fn linear(
     }
 }
 
-/// Rows of the dt_proj input packed at a time, and the widest dt_rank packed
-/// (2.8b has 160; wider ones go one row at a time).
-const DT_ROWS: usize = 4;
-const DT_PACK: usize = 160;
-
 multiversion! {
     /// `dt[t, d - f0] = softplus(dt_proj[d] . dbc[t, 0..dt_rank] + dt_bias[d])`
     /// for channels `d` in `f0..f1`. `dbc`: `[rows, dbc_stride]`, `dt_proj`:
@@ -65,32 +73,14 @@ multiversion! {
         channels: (usize, usize),
         dt: &mut [f32],
     ) {
-        let r = dt_proj.cols;
         let (f0, width) = (channels.0, channels.1 - channels.0);
-        let mut packed = [0.0f32; DT_ROWS * DT_PACK];
-        let mut t0 = 0;
-        while t0 < rows {
-            let n = if r <= DT_PACK { (rows - t0).min(DT_ROWS) } else { 1 };
-            let out = &mut dt[t0 * width..(t0 + n) * width];
-            // One row's dt_rank columns are contiguous in dbc; a few rows'
-            // are packed, so the product's tiles take them together.
-            let x_in: &[f32] = if n == 1 {
-                &dbc[t0 * dbc_stride..t0 * dbc_stride + r]
-            } else {
-                for t in 0..n {
-                    let row = (t0 + t) * dbc_stride;
-                    packed[t * r..(t + 1) * r].copy_from_slice(&dbc[row..row + r]);
-                }
-                &packed[..n * r]
-            };
-            linear(x_in, n, dt_proj, Some(dt_bias), channels, |t, d, v| {
-                super::copy_run(&mut out[t * width + d - f0..], v)
-            });
-            // A separate pass, so the branch-free softplus vectorises.
-            for o in out.iter_mut() {
-                *o = softplus(*o);
-            }
-            t0 += n;
+        // dt_rank's columns of each dbc row are the product's rows (read in place).
+        linear_strided((dbc, dbc_stride), rows, dt_proj, Some(dt_bias), channels, |t, d, v| {
+            super::copy_run(&mut dt[t * width + d - f0..], v)
+        });
+        // A separate pass, so the branch-free softplus vectorises.
+        for o in dt[..rows * width].iter_mut() {
+            *o = softplus(*o);
         }
     }
 }

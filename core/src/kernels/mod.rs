@@ -45,7 +45,7 @@ pub fn copy_run(dst: &mut [f32], src: &[f32]) {
 pub use conv::{conv1d_channels, conv1d_seq, conv1d_step};
 pub use dot::{dot, dot4, dot_portable};
 pub use embed::embed_rows;
-pub use linear::{dt_proj_softplus, linear};
+pub use linear::{dt_proj_softplus, linear, linear_strided};
 pub use norm::rms_norm;
 pub use scan::{
     a_from_a_log, gate_silu, selective_scan_channels, selective_scan_seq, selective_scan_step, ScanRows,

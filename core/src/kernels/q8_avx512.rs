@@ -60,16 +60,16 @@ mod x86 {
             })
         }
 
-        /// Quantize rows `t0..t0 + nt` (`nt <= ROWS`) of `x` (`[_, k]`) into rows `0..nt`.
+        /// Quantize rows `t0..t0 + nt` (`nt <= ROWS`) of `x`, `stride` apart (`k` each), into rows `0..nt`.
         ///
         /// # Safety
         /// AVX-512 F/BW/VL are available; those rows of `x` are in bounds.
         #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        pub unsafe fn quantize(&mut self, x: &[f32], t0: usize, nt: usize) {
-            debug_assert!(nt <= ROWS && (t0 + nt) * self.k <= x.len());
+        pub unsafe fn quantize(&mut self, x: &[f32], stride: usize, t0: usize, nt: usize) {
+            debug_assert!(nt <= ROWS && (nt == 0 || (t0 + nt - 1) * stride + self.k <= x.len()));
             let nb = self.k / Q8_BLOCK;
             for j in 0..nt {
-                let xr = x.as_ptr().add((t0 + j) * self.k);
+                let xr = x.as_ptr().add((t0 + j) * stride);
                 let q = self.q.as_mut_ptr().add(j * MAX_K) as *mut i16;
                 let s = self.s.as_mut_ptr().add(j * MAX_BLOCKS) as *mut f32;
                 for b in 0..nb {

@@ -10,7 +10,7 @@ use super::simd::multiversion;
 use crate::config::MAX_D_CONV;
 use crate::tensor::WData;
 
-/// Channels per block of the prefill conv: one vector register of f32.
+/// Channels per block of the conv: one vector register of f32.
 const LANES: usize = 16;
 /// Tokens ahead whose inputs a block asks the cache for.
 const AHEAD: usize = 8;

@@ -93,7 +93,7 @@ mod tests {
     #[test]
     fn dt_proj_is_softplus_of_a_dot_per_channel_for_any_rank_rows_and_range() {
         const DI: usize = 8;
-        // 48: packed rows; 200: wider than DT_PACK, one row at a time.
+        // 48 (the 130m rank) and 200 (wider than any published one), rows read in place.
         for r in [48usize, 200] {
             let w: [f32; DI * 200] = core::array::from_fn(|i| ((i as f32) * 0.37).sin() * 0.2);
             let bias: [f32; DI] = core::array::from_fn(|i| i as f32 * 0.1 - 0.3);

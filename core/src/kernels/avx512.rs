@@ -53,19 +53,8 @@ pub fn linear(
                 && (rows == 0 || (rows - 1) * x_stride + w.cols <= x.len()),
             "linear: operands shorter than their shapes"
         );
-        let k = w.cols;
         let rest = ((x, x_stride), rows, bias, (f0, f1));
-        match w.data {
-            WData::F32(d) => blocked(&mut Floats::new(d.as_ptr(), k, 4), rest, store),
-            WData::F16(d) => blocked(&mut Floats::new(d.as_ptr(), k, 2), rest, store),
-            WData::BF16(d) => blocked(&mut Floats::new(d.as_ptr(), k, 2), rest, store),
-            WData::Q8_0 { q, d } => match Q8Ints::new(q, d, k) {
-                Some(mut p) => blocked(&mut p, rest, store),
-                None => {
-                    blocked(&mut Floats::new(x86::Q8Rows { q: q.as_ptr(), d: d.as_ptr() }, k, 1), rest, store)
-                }
-            },
-        }
+        with_product!(w.data, w.cols, p => blocked(p, rest, store));
         return true;
     }
     let _ = (x, x_stride, rows, w, bias, f0, f1, store);
@@ -83,24 +72,48 @@ pub fn dot(w: WData<'_>, x: &[f32]) -> Option<f32> {
         let mut out = [0.0f32];
         // SAFETY: enable_avx512's contract gives the features; both rows
         // hold at least `k` elements.
-        unsafe {
-            match w {
-                WData::F32(a) => Floats::new(a.as_ptr(), k, 4).row_dots(x, &mut out),
-                WData::F16(a) => Floats::new(a.as_ptr(), k, 2).row_dots(x, &mut out),
-                WData::BF16(a) => Floats::new(a.as_ptr(), k, 2).row_dots(x, &mut out),
-                WData::Q8_0 { q, d } => match Q8Ints::new(q, d, k) {
-                    Some(mut p) => p.row_dots(x, &mut out),
-                    None => {
-                        Floats::new(x86::Q8Rows { q: q.as_ptr(), d: d.as_ptr() }, k, 1).row_dots(x, &mut out)
-                    }
-                },
-            }
-        }
+        unsafe { with_product!(w, k, p => p.row_dots(x, &mut out)) };
         return Some(out[0]);
     }
     let _ = (w, x);
     None
 }
+
+/// `$body` with `$p` the [`Product`] that runs rows of `$k` weights of
+/// `$w` (a `WData`): floats widened in registers; Q8_0 in integers, or
+/// dequantized where its rows are too wide to quantize on the stack.
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_product {
+    ($w:expr, $k:expr, $p:ident => $body:expr) => {{
+        let k = $k;
+        match $w {
+            WData::F32(d) => {
+                let $p = &mut Floats::new(d.as_ptr(), k, 4);
+                $body
+            }
+            WData::F16(d) => {
+                let $p = &mut Floats::new(d.as_ptr(), k, 2);
+                $body
+            }
+            WData::BF16(d) => {
+                let $p = &mut Floats::new(d.as_ptr(), k, 2);
+                $body
+            }
+            WData::Q8_0 { q, d } => match Q8Ints::new(q, d, k) {
+                Some(mut ints) => {
+                    let $p = &mut ints;
+                    $body
+                }
+                None => {
+                    let $p = &mut Floats::new(x86::Q8Rows { q: q.as_ptr(), d: d.as_ptr() }, k, 1);
+                    $body
+                }
+            },
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+use with_product;
 
 /// `x` and its row stride, `rows`, `bias` and the feature range of a product.
 #[cfg(target_arch = "x86_64")]

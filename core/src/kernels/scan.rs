@@ -227,9 +227,7 @@ fn a_row<'b>(a: WData<'b>, d: usize, n_s: usize, buf: &'b mut [f32; MAX_D_STATE]
     match a {
         WData::F32(s) => &s[d * n_s..(d + 1) * n_s],
         _ => {
-            for (n, v) in buf.iter_mut().enumerate().take(n_s) {
-                *v = a.get(d * n_s + n);
-            }
+            a.widen_into(d * n_s, &mut buf[..n_s]);
             &buf[..n_s]
         }
     }

@@ -1,6 +1,8 @@
 //! The prefill scan and the decode step give the same bits in every SIMD
 //! mode (the AVX-512 register block, the compiler-vectorised AVX2 and
-//! portable code). A separate test binary: switching SIMD on is process-wide.
+//! portable code). The modes agree bit for bit, except that AVX-512 fuses
+//! the 16-state scan's multiply-adds: there it is within a few ulps of the
+//! portable scan. A separate test binary: switching SIMD on is process-wide.
 
 mod common;
 
@@ -9,8 +11,8 @@ use common::{bits, values};
 use mamba_core::kernels::{selective_scan_seq, selective_scan_step, ScanRows};
 use mamba_core::WData;
 
-/// (prefill y, prefill final state, step y, step final state) as bits.
-fn run(n_s: usize, di: usize, len: usize) -> [Vec<u32>; 4] {
+/// (prefill y, prefill final state, step y, step final state).
+fn run(n_s: usize, di: usize, len: usize) -> [Vec<f32>; 4] {
     let (r, xp) = (3, 3 + 2 * n_s);
     let (x, dt) = (values(len * di, 1, -2.0, 2.0), values(len * di, 2, 0.001, 0.6));
     let (dbc, xz) = (values(len * xp, 3, -1.0, 1.0), values(len * 2 * di, 4, -3.0, 3.0));
@@ -36,19 +38,37 @@ fn run(n_s: usize, di: usize, len: usize) -> [Vec<u32>; 4] {
         selective_scan_step(one, aw, dw, 0, s0, y0);
         selective_scan_step(one, aw, dw, cut, s1, y1);
     }
-    [bits(&y), bits(&hp), bits(&ys), bits(&hs)]
+    [y, hp, ys, hs]
 }
 
 #[test]
-fn scan_bits_are_the_same_in_every_mode_and_in_the_step() {
-    // (d_state, d_inner, tokens): whole blocks of 16, a partial block, other d_state.
-    let shapes = [(16, 16, 9), (16, 37, 5), (16, 64, 3), (8, 20, 4), (1, 3, 2), (4, 17, 3), (17, 5, 3)];
-    common::same_in_every_mode(|mode| {
-        let got: Vec<[Vec<u32>; 4]> = shapes.iter().map(|&(n, d, l)| run(n, d, l)).collect();
+fn scan_prefill_equals_step_in_every_mode_and_the_modes_agree() {
+    // (d_state, d_inner, tokens): whole blocks of 16, a partial block, a
+    // long run, other d_state.
+    let shapes =
+        [(16, 16, 9), (16, 37, 5), (16, 64, 3), (16, 21, 300), (8, 20, 4), (1, 3, 2), (4, 17, 3), (17, 5, 3)];
+    let mut first: Option<Vec<[Vec<f32>; 4]>> = None;
+    common::in_every_mode(|mode| {
+        let got: Vec<[Vec<f32>; 4]> = shapes.iter().map(|&(n, d, l)| run(n, d, l)).collect();
         for (r, s) in got.iter().zip(&shapes) {
-            assert_eq!(r[0], r[2], "{mode}: prefill y vs step {s:?}");
-            assert_eq!(r[1], r[3], "{mode}: prefill state vs step {s:?}");
+            assert_eq!(bits(&r[0]), bits(&r[2]), "{mode}: prefill y vs step {s:?}");
+            assert_eq!(bits(&r[1]), bits(&r[3]), "{mode}: prefill state vs step {s:?}");
         }
-        got
+        let Some(want) = &first else {
+            first = Some(got);
+            return;
+        };
+        for ((r, w), s) in got.iter().zip(want).zip(&shapes) {
+            let fused = mode == "avx512" && s.0 == 16;
+            for (g, w) in r.iter().zip(w) {
+                if fused {
+                    let worst =
+                        g.iter().zip(w).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0.0, f32::max);
+                    assert!(worst < 1e-5, "{mode}: {s:?} is {worst} from the first mode");
+                } else {
+                    assert_eq!(bits(g), bits(w), "{mode}: {s:?} differs from the first mode");
+                }
+            }
+        }
     });
 }

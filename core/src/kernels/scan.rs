@@ -122,11 +122,13 @@ multiversion! {
 /// `d_state <= LANES`, vectorised over the channels: each state element is
 /// a lane of one of `d_state` vectors carried across the tokens, its
 /// recurrence independent of the others (the per-channel loop waits on one
-/// chain and reduces a register per token). `y = h . C` is added in
-/// [`update`]'s order (`0 + h C` per state, then [`lane_sum`]'s tree), so
-/// both loops, and the decode step, give the same bits. `FULL` is
-/// [`LANES`] when the block is exactly `LANES` channels of `LANES` states
-/// (every published model), so the loops have fixed trip counts.
+/// chain and reduces a register per token). With 16 states and AVX-512 on,
+/// the block is [`scan_avx512::block16`] (as the step is `step16`);
+/// otherwise `y = h . C` is added in [`update`]'s order (`0 + h C` per
+/// state, then [`lane_sum`]'s tree), so this loop and the portable step
+/// give the same bits. `FULL` is [`LANES`] when the block is exactly
+/// `LANES` channels of `LANES` states (every published model), so the
+/// loops have fixed trip counts.
 #[inline(always)]
 fn scan_block<const FULL: usize>(
     rows: ScanRows<'_>,
@@ -152,7 +154,9 @@ fn scan_block<const FULL: usize>(
         }
         dd[j] = d_skip.get(d0 + j);
     }
-    let done = FULL == LANES && {
+    // Every block of 16-state channels goes through the AVX-512 kernel when
+    // it is on (its arithmetic is fused, so it must take all of them).
+    let done = n_s == LANES && {
         let token = |t: usize| {
             let (o, bc) = (t * d_inner + d0, t * xp + dt_rank);
             let (o_next, bc_next) = (o + AHEAD * d_inner, bc + AHEAD * xp);
@@ -162,13 +166,15 @@ fn scan_block<const FULL: usize>(
             super::simd::prefetch(dbc.as_ptr().wrapping_add(bc_next));
             super::simd::prefetch(dbc.as_ptr().wrapping_add(bc_next + 2 * LANES - 1));
             scan_avx512::Token {
-                x: fixed(x, o),
-                dt: fixed(dt, o),
+                x: &x[o..o + nch],
+                dt: &dt[o..o + nch],
                 b: fixed(dbc, bc),
                 c: fixed(dbc, bc + LANES),
             }
         };
-        scan_avx512::block16(len, &mut h, &at, &dd, token, &mut |t, y: &[f32; LANES]| write(t, d0, y))
+        scan_avx512::block16(len, nch, &mut h, &at, &dd, token, &mut |t, y: &[f32; LANES]| {
+            write(t, d0, &y[..nch])
+        })
     };
     for t in (0..len).filter(|_| !done) {
         let (mut xv, mut dtv) = ([0.0f32; LANES], [0.0f32; LANES]);
@@ -279,18 +285,23 @@ multiversion! {
         let b = &dbc[dt_rank..dt_rank + n_s];
         let c = &dbc[dt_rank + n_s..dt_rank + 2 * n_s];
         let n = y.len();
-        let done = match (a, n_s) {
-            (WData::F32(av), LANES) => scan_avx512::step16(
-                state,
-                &av[d0 * LANES..(d0 + n) * LANES],
-                &x[d0..d0 + n],
-                &dt[d0..d0 + n],
-                fixed(b, 0),
-                fixed(c, 0),
-                y,
-            ),
-            _ => false,
-        };
+        // In AVX-512 mode every 16-state channel goes through step16, as
+        // the prefill's go through block16 (their arithmetic is fused).
+        let done = n_s == LANES
+            && match a {
+                WData::F32(av) => {
+                    scan_avx512::step16(state, &av[d0 * LANES..(d0 + n) * LANES], &x[d0..d0 + n], &dt[d0..d0 + n], fixed(b, 0), fixed(c, 0), y)
+                }
+                // A not in f32 (never so loaded: it is computed at load),
+                // widened a block of channels at a time.
+                _ => state.chunks_mut(LANES * LANES).zip(y.chunks_mut(LANES)).enumerate().all(|(i, (hs, ys))| {
+                    let (d, m) = (d0 + i * LANES, ys.len());
+                    let mut a_blk = [0.0f32; LANES * LANES];
+                    a.widen_into(d * LANES, &mut a_blk[..m * LANES]);
+                    let (xs, dts) = (&x[d..d + m], &dt[d..d + m]);
+                    scan_avx512::step16(hs, &a_blk[..m * LANES], xs, dts, fixed(b, 0), fixed(c, 0), ys)
+                }),
+            };
         let mut a_buf = [0.0f32; MAX_D_STATE];
         for (k, (h, yv)) in state.chunks_exact_mut(n_s).zip(y.iter_mut()).enumerate().filter(|_| !done) {
             let d = d0 + k;

@@ -1,36 +1,44 @@
 //! The selective scan with 16 states a channel (every published Mamba-1)
 //! in AVX-512 registers, chosen at run time with the tiles
 //! ([`super::simd::avx512_enabled`]):
-//! - [`block16`], the prefill: 16 channels' states as 16 registers carried
-//!   across the tokens (compilers left to vectorise that loop spill them on
-//!   every token);
+//! - [`block16`], the prefill: up to 16 channels' states as 16 registers
+//!   carried across the tokens (compilers left to vectorise that loop spill
+//!   them on every token);
 //! - [`step16`], the decode step: `h . C` of 16 channels reduced together,
 //!   across registers, instead of one horizontal sum each.
 //!
-//! Both do [`super::scan`]'s arithmetic operation for operation (separate
-//! multiplies and adds, never fused; their `exp16` is
-//! [`super::act::exp_fast`] on 16 lanes; the reduction is `lane_sum`'s
-//! tree), so they give the same bits as the portable code and each other.
+//! The arithmetic is [`super::scan`]'s with fused multiply-adds: `e^(dt A)`
+//! is `exp_fast`'s reduction and polynomial in 15 operations where separate
+//! multiplies and adds take 25, and the update is `fma(e, h, dt x B)`. The
+//! exponential was three quarters of the scan's work, and the scan the
+//! largest part of a prefill after the products. Both kernels do the same
+//! operations in the same order (`h . C` in `lane_sum`'s tree), so prefill
+//! and step give the same bits as each other (not as the portable code:
+//! within a few ulps of it). In this mode every channel of a 16-state model
+//! goes through them, so ragged = solo and prefill = step still hold.
 #![allow(unsafe_code)]
 
 /// Channels per block, and states per channel.
 pub const N: usize = 16;
 
-/// One token's inputs for the block: `x`, `dt` of its 16 channels, `B` and
-/// `C` (16 each).
+/// One token's inputs for the block: `x`, `dt` of its channels (at least
+/// the block's `nch`), `B` and `C` (16 each).
 pub struct Token<'a> {
-    pub x: &'a [f32; N],
-    pub dt: &'a [f32; N],
+    pub x: &'a [f32],
+    pub dt: &'a [f32],
     pub b: &'a [f32; N],
     pub c: &'a [f32; N],
 }
 
-/// Run `len` tokens through the block: `h[n][j]` state `n` of channel `j`,
-/// `at[n][j]` its A, `dd[j]` its D; `token(t)` gives token `t`'s inputs and
-/// `write(t, y)` takes its 16 outputs (before the gate). Returns `false`,
-/// doing nothing, when the AVX-512 kernels are off.
+/// Run `len` tokens through a block of `nch <= 16` channels: `h[n][j]`
+/// state `n` of channel `j`, `at[n][j]` its A, `dd[j]` its D; `token(t)`
+/// gives token `t`'s inputs and `write(t, y)` takes its outputs (before the
+/// gate; lanes past `nch` are to be ignored). Returns `false`, doing
+/// nothing, when the AVX-512 kernels are off.
+#[allow(clippy::too_many_arguments)]
 pub fn block16<'a>(
     len: usize,
+    nch: usize,
     h: &mut [[f32; N]; N],
     at: &[[f32; N]; N],
     dd: &[f32; N],
@@ -39,20 +47,27 @@ pub fn block16<'a>(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if super::simd::avx512_enabled() {
-        // SAFETY: enable_avx512's contract gives the CPU features.
-        unsafe { x86::block16(len, h, at, dd, token, write) };
+        assert!(nch <= N, "block16: more than 16 channels");
+        // The kernel loads `nch` lanes of x and dt through their pointers.
+        let token = |t| {
+            let tk = token(t);
+            assert!(tk.x.len() >= nch && tk.dt.len() >= nch, "block16: short token rows");
+            tk
+        };
+        // SAFETY: enable_avx512's contract gives the CPU features; rows checked above.
+        unsafe { x86::block16(len, nch, h, at, dd, token, write) };
         return true;
     }
-    let _ = (len, h, at, dd, token, write);
+    let _ = (len, nch, h, at, dd, token, write);
     false
 }
 
 /// One token through channels with 16 states each (`h`: their states
 /// `[n, 16]`; `a`: their rows of A `[n, 16]`; `x`, `dt`: their inputs `[n]`;
 /// `b`, `c`: the token's B and C): `y[k] = h_k . C`, before D and the gate,
-/// in [`super::scan`]'s order. Sixteen channels' `h . C` are reduced together,
-/// across registers, instead of one register each. Returns `false`, doing
-/// nothing, when the AVX-512 kernels are off.
+/// as [`block16`] computes it. Sixteen channels' `h . C` are reduced
+/// together, across registers, instead of one register each. Returns
+/// `false`, doing nothing, when the AVX-512 kernels are off.
 pub fn step16(
     h: &mut [f32],
     a: &[f32],
@@ -103,6 +118,32 @@ mod x86 {
         }
         p = _mm512_add_ps(s(1.0), p);
         let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)));
+        _mm512_mul_ps(p, _mm512_castsi512_ps(e))
+    }
+
+    /// `e^x` for the scan: [`exp16`]'s reduction and polynomial with fused
+    /// multiply-adds (15 operations, not 25), and `2^n` from the low bits
+    /// of the rounded `x log2(e)` as `exp_fast` takes it. A NaN stays NaN
+    /// (`max`/`min` return their second operand when one is NaN).
+    #[inline(always)]
+    unsafe fn exp16_fused(x: __m512) -> __m512 {
+        const LOG2E: f32 = core::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_145_75;
+        const LN2_LO: f32 = 1.428_606_8e-6;
+        const ROUND: f32 = 12_582_912.0;
+        let s = _mm512_set1_ps;
+        let x = _mm512_min_ps(s(88.0), _mm512_max_ps(s(-87.0), x));
+        let shifted = _mm512_fmadd_ps(x, s(LOG2E), s(ROUND));
+        let n = _mm512_sub_ps(shifted, s(ROUND));
+        let r = _mm512_fnmadd_ps(n, s(LN2_LO), _mm512_fnmadd_ps(n, s(LN2_HI), x));
+        let mut p = s(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_fmadd_ps(p, r, s(c));
+        }
+        // `shifted` is ROUND + n (|n| <= 127, ROUND's low 9 bits are 0):
+        // `(bits + 127) << 23` is 2^n's bits.
+        let e =
+            _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(127)));
         _mm512_mul_ps(p, _mm512_castsi512_ps(e))
     }
 
@@ -167,11 +208,12 @@ mod x86 {
                 let k = k0 + j;
                 let (dtv, xv) = (*dt.get_unchecked(k), *x.get_unchecked(k));
                 let hp = h.as_mut_ptr().add(k * N);
-                let e = exp16(_mm512_mul_ps(_mm512_set1_ps(dtv), _mm512_loadu_ps(a.as_ptr().add(k * N))));
+                let e =
+                    exp16_fused(_mm512_mul_ps(_mm512_set1_ps(dtv), _mm512_loadu_ps(a.as_ptr().add(k * N))));
                 let dtx = _mm512_set1_ps(dtv * xv);
-                let v = _mm512_add_ps(_mm512_mul_ps(e, _mm512_loadu_ps(hp)), _mm512_mul_ps(dtx, bv));
+                let v = _mm512_fmadd_ps(e, _mm512_loadu_ps(hp), _mm512_mul_ps(dtx, bv));
                 _mm512_storeu_ps(hp, v);
-                *pj = _mm512_add_ps(_mm512_setzero_ps(), _mm512_mul_ps(v, cv));
+                *pj = _mm512_mul_ps(v, cv);
             }
             let sums = lane_sums16(p);
             _mm512_mask_storeu_ps(y.as_mut_ptr().add(k0), ((1u32 << m) - 1) as __mmask16, sums);
@@ -180,33 +222,34 @@ mod x86 {
     }
 
     /// # Safety
-    /// AVX-512 F/BW/VL are available.
+    /// AVX-512 F/BW/VL are available; every token's `x` and `dt` hold `nch <= 16` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn block16<'a>(
         len: usize,
+        nch: usize,
         h: &mut [[f32; N]; N],
         at: &[[f32; N]; N],
         dd: &[f32; N],
         token: impl Fn(usize) -> Token<'a>,
         write: &mut impl FnMut(usize, &[f32; N]),
     ) {
+        let m = ((1u32 << nch) - 1) as __mmask16;
         let mut hv: [__m512; N] = core::array::from_fn(|n| _mm512_loadu_ps(h[n].as_ptr()));
         let ddv = _mm512_loadu_ps(dd.as_ptr());
         for t in 0..len {
             let tk = token(t);
-            let xv = _mm512_loadu_ps(tk.x.as_ptr());
-            let dtv = _mm512_loadu_ps(tk.dt.as_ptr());
+            let xv = _mm512_maskz_loadu_ps(m, tk.x.as_ptr());
+            let dtv = _mm512_maskz_loadu_ps(m, tk.dt.as_ptr());
             let dtx = _mm512_mul_ps(dtv, xv);
-            // State n's term of y: its update, then `0 + h C` (as the
-            // portable lanes). Spelled out per state, so the 16 states stay
-            // in registers (a loop over them kept them on the stack).
+            // State n's term of y: its update, then `h C`, as step16's
+            // lanes. Spelled out per state, so the 16 states stay in
+            // registers (a loop over them kept them on the stack).
             macro_rules! term {
                 ($n:literal) => {{
-                    let e = exp16(_mm512_mul_ps(dtv, _mm512_loadu_ps(at[$n].as_ptr())));
-                    let v =
-                        _mm512_add_ps(_mm512_mul_ps(e, hv[$n]), _mm512_mul_ps(dtx, _mm512_set1_ps(tk.b[$n])));
+                    let e = exp16_fused(_mm512_mul_ps(dtv, _mm512_loadu_ps(at[$n].as_ptr())));
+                    let v = _mm512_fmadd_ps(e, hv[$n], _mm512_mul_ps(dtx, _mm512_set1_ps(tk.b[$n])));
                     hv[$n] = v;
-                    _mm512_add_ps(_mm512_setzero_ps(), _mm512_mul_ps(v, _mm512_set1_ps(tk.c[$n])))
+                    _mm512_mul_ps(v, _mm512_set1_ps(tk.c[$n]))
                 }};
             }
             // lane_sum's tree across the states (n + 8, then + 4, + 2, + 1),

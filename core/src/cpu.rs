@@ -247,7 +247,16 @@ impl<'a> MambaOps for CpuBackend<'a> {
             let per = rows_per_task(rows, threads) * di;
             self.par.for_each_chunk(dt, per, &|start, o| {
                 let (r0, nr) = (start / di, o.len() / di);
-                kernels::dt_proj_softplus(&dbc[r0 * xp..], xp, nr, &lw.dt_proj, &lw.dt_bias, (0, di), o)
+                kernels::dt_proj_softplus(
+                    &dbc[r0 * xp..],
+                    xp,
+                    nr,
+                    &lw.dt_proj,
+                    lw.dt_proj_t.as_ref(),
+                    &lw.dt_bias,
+                    (0, di),
+                    o,
+                )
             });
         } else {
             // Too few rows to keep every thread busy (decode): split each
@@ -260,6 +269,7 @@ impl<'a> MambaOps for CpuBackend<'a> {
                     xp,
                     1,
                     &lw.dt_proj,
+                    lw.dt_proj_t.as_ref(),
                     &lw.dt_bias,
                     (ch.start, ch.end),
                     o,

@@ -8,6 +8,12 @@ use crate::config::MambaConfig;
 /// - `conv_w`: `[d_inner, d_conv]` (the checkpoint's `[d_inner, 1, d_conv]`), `conv_b`: `[1, d_inner]`
 /// - `x_proj`: `[dt_rank + 2*d_state, d_inner]`
 /// - `dt_proj`: `[d_inner, dt_rank]`, `dt_bias`: `[1, d_inner]`
+/// - `dt_proj_t`: `dt_proj` transposed in blocks of 64 channels,
+///   `[ceil(d_inner / 64) * dt_rank, 64]` (see
+///   [`crate::kernels::dt_avx512::blocked_at`]), in the same dtype, where
+///   the host made it: the CPU backend's AVX-512 kernel reads it (a short
+///   row's dot product is mostly its horizontal sum). Not a stored weight,
+///   so [`LayerWeights::each`] leaves it out
 /// - `a`: `[d_inner, d_state]`, f32, already `-exp(A_log)` (see [`crate::kernels::a_from_a_log`])
 /// - `d`: `[1, d_inner]`
 /// - `out_proj`: `[d_model, d_inner]`, `out_proj_bias`: `[1, d_model]`
@@ -20,6 +26,7 @@ pub struct LayerWeights<W> {
     pub conv_b: Option<W>,
     pub x_proj: W,
     pub dt_proj: W,
+    pub dt_proj_t: Option<W>,
     pub dt_bias: W,
     pub a: W,
     pub d: W,
@@ -87,6 +94,10 @@ impl LayerWeights<Tensor<'_>> {
         }
         self.x_proj.expect_shape("x_proj", xp, di)?;
         self.dt_proj.expect_shape("dt_proj weight", di, cfg.dt_rank)?;
+        if let Some(t) = &self.dt_proj_t {
+            let rows = crate::kernels::dt_avx512::blocked_rows(di, cfg.dt_rank);
+            t.expect_shape("dt_proj weight transposed", rows, crate::kernels::dt_avx512::BLOCK)?;
+        }
         self.dt_bias.expect_shape("dt_proj bias", 1, di)?;
         self.a.expect_shape("A", di, cfg.d_state)?;
         self.d.expect_shape("D", 1, di)?;

@@ -78,6 +78,7 @@ fn layers(o: &Owned) -> Vec<LayerWeights<Tensor<'_>>> {
             conv_b: Some(t(&w[4], 1, di)),
             x_proj: t(&w[5], r + 2 * n, di),
             dt_proj: t(&w[6], di, r),
+            dt_proj_t: None,
             dt_bias: t(&w[7], 1, di),
             a: t(&w[8], di, n),
             d: t(&w[9], 1, di),

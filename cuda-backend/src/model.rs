@@ -34,6 +34,7 @@ impl DeviceModel {
                     conv_b: opt(&l.conv_b)?,
                     x_proj: upload_stored(st, &l.x_proj)?,
                     dt_proj: upload_f32(st, &l.dt_proj)?,
+                    dt_proj_t: None,
                     dt_bias: upload_f32(st, &l.dt_bias)?,
                     a: upload_f32(st, &l.a)?,
                     d: upload_f32(st, &l.d)?,

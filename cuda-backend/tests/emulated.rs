@@ -149,6 +149,7 @@ fn upload(
             conv_b: opt(&l.conv_b),
             x_proj: EmuWeight::stored(&l.x_proj),
             dt_proj: EmuWeight::f32(&l.dt_proj),
+            dt_proj_t: None,
             dt_bias: EmuWeight::f32(&l.dt_bias),
             a: EmuWeight::f32(&l.a),
             d: EmuWeight::f32(&l.d),

@@ -7,7 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
-use mamba_core::{kernels::a_from_a_log, DType, LayerWeights, MambaConfig, Model, Tensor};
+use mamba_core::{
+    kernels::{a_from_a_log, dt_avx512},
+    DType, LayerWeights, MambaConfig, Model, Tensor, WData,
+};
 
 use crate::config::{FileConfig, Layout};
 use crate::error::{Error, Result};
@@ -29,6 +32,9 @@ pub struct LoadedModel {
     store: TensorStore,
     /// `A = -exp(A_log)` per layer, `[d_inner * d_state]`, computed once.
     a: Vec<Vec<f32>>,
+    /// dt_proj transposed per layer (see [`Transposed`]); empty where no
+    /// kernel reads it.
+    dt_proj_t: Vec<Transposed>,
     embedding_name: &'static str,
     lm_head: bool,
 }
@@ -97,6 +103,47 @@ fn view<'a>(
         });
     }
     Ok(Tensor::from_q8_bytes(t.bytes, scale.bytes, rows, cols, what)?)
+}
+
+/// dt_proj (`[d_inner, dt_rank]`) transposed in blocks of 64 channels
+/// ([`dt_avx512::blocked_at`]) in its dtype, for the AVX-512 dt_proj kernel
+/// (which the SIMD switch turns on before the model loads). A Q8_0 weight
+/// is not transposed (its blocks run along the rows).
+enum Transposed {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+    BF16(Vec<half::bf16>),
+    None,
+}
+
+impl Transposed {
+    fn of(t: &Tensor<'_>) -> Self {
+        fn flip<T: Copy + Default>(v: &[T], di: usize, r: usize) -> Vec<T> {
+            let mut out = vec![T::default(); dt_avx512::blocked_rows(di, r) * dt_avx512::BLOCK];
+            for (i, &w) in v.iter().enumerate() {
+                out[dt_avx512::blocked_at(i / r, i % r, r)] = w;
+            }
+            out
+        }
+        match t.data {
+            WData::F32(v) => Transposed::F32(flip(v, t.rows, t.cols)),
+            WData::F16(v) => Transposed::F16(flip(v, t.rows, t.cols)),
+            WData::BF16(v) => Transposed::BF16(flip(v, t.rows, t.cols)),
+            WData::Q8_0 { .. } => Transposed::None,
+        }
+    }
+
+    /// The view of the layout, for a `[d_inner, dt_rank]` dt_proj.
+    fn tensor(&self, d_inner: usize, dt_rank: usize) -> Result<Option<Tensor<'_>>> {
+        let data = match self {
+            Transposed::F32(v) => WData::F32(v),
+            Transposed::F16(v) => WData::F16(v),
+            Transposed::BF16(v) => WData::BF16(v),
+            Transposed::None => return Ok(None),
+        };
+        let rows = dt_avx512::blocked_rows(d_inner, dt_rank);
+        Ok(Some(Tensor::new(data, rows, dt_avx512::BLOCK, "dt_proj transposed")?))
+    }
 }
 
 /// The name of a Q8_0 weight's scales: the weight's name and this.
@@ -169,7 +216,7 @@ impl LoadedModel {
             a_log_bytes = t.nbytes();
             a.push(out);
         }
-        let model = LoadedModel {
+        let mut model = LoadedModel {
             dir: dir.to_path_buf(),
             file_config,
             cfg,
@@ -177,11 +224,18 @@ impl LoadedModel {
             a_log_bytes,
             store,
             a,
+            dt_proj_t: Vec::new(),
             embedding_name,
             lm_head,
         };
         // Resolve every tensor once so a bad checkpoint fails here, not mid-run.
         model.view()?.model().validate()?;
+        // The kernels are chosen before the weights are laid out for them.
+        crate::cpu::init_simd();
+        if mamba_core::kernels::simd::avx512_enabled() {
+            let view = model.view()?;
+            model.dt_proj_t = view.layers.iter().map(|l| Transposed::of(&l.dt_proj)).collect();
+        }
         Ok(model)
     }
 
@@ -222,6 +276,7 @@ impl LoadedModel {
                 conv_b: opt(&format!("{m}.conv1d.bias"), &[di], 1, di, c.use_conv_bias)?,
                 x_proj: t(&format!("{m}.x_proj.weight"), &[xp, di], xp, di)?,
                 dt_proj: t(&format!("{m}.dt_proj.weight"), &[di, r], di, r)?,
+                dt_proj_t: self.dt_proj_t.get(i).map(|w| w.tensor(di, r)).transpose()?.flatten(),
                 dt_bias: t(&format!("{m}.dt_proj.bias"), &[di], 1, di)?,
                 a: Tensor::new(mamba_core::WData::F32(&self.a[i]), di, n, "A")?,
                 d: t(&format!("{m}.D"), &[di], 1, di)?,

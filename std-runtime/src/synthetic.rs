@@ -396,6 +396,34 @@ mod tests {
     }
 
     #[test]
+    fn dt_proj_is_transposed_in_blocks_where_the_avx512_kernel_reads_it() {
+        use mamba_core::kernels::{dt_avx512, simd};
+        for dtype in [DType::F32, DType::BF16, DType::F16, DType::Q8_0] {
+            let m = synthetic_model(&TINY, dtype, 3).unwrap();
+            let v = m.view().unwrap();
+            let (di, r) = (m.cfg.d_inner, m.cfg.dt_rank);
+            for l in v.model().layers {
+                let Some(t) = l.dt_proj_t else {
+                    assert!(!simd::avx512_enabled(), "{dtype:?}: no transposed dt_proj with AVX-512 on");
+                    continue;
+                };
+                assert!(simd::avx512_enabled(), "{dtype:?}: a transposed dt_proj nothing reads");
+                assert_eq!((t.rows, t.cols), (dt_avx512::blocked_rows(di, r), dt_avx512::BLOCK));
+                let mut seen = vec![false; t.len()];
+                for d in 0..di {
+                    for k in 0..r {
+                        let at = dt_avx512::blocked_at(d, k, r);
+                        assert_eq!(t.data.get(at).to_bits(), l.dt_proj.data.get(d * r + k).to_bits());
+                        seen[at] = true;
+                    }
+                }
+                // The padding of a partial last block is zero.
+                assert!((0..t.len()).all(|i| seen[i] || t.data.get(i) == 0.0));
+            }
+        }
+    }
+
+    #[test]
     fn mamba_130m_bf16_has_the_published_parameter_count_and_runs() {
         let s = shape("mamba-130m").unwrap();
         let m = synthetic_model(s, DType::BF16, 0).unwrap();

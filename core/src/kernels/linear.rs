@@ -63,21 +63,33 @@ multiversion! {
     /// `dt[t, d - f0] = softplus(dt_proj[d] . dbc[t, 0..dt_rank] + dt_bias[d])`
     /// for channels `d` in `f0..f1`. `dbc`: `[rows, dbc_stride]`, `dt_proj`:
     /// `[d_inner, dt_rank]`, `dt`: `[rows, f1 - f0]`. A channel's value does
-    /// not depend on the range it is computed in.
+    /// not depend on the range it is computed in. `dt_proj_t`, the weight
+    /// transposed in blocks of 64 channels ([`super::dt_avx512::blocked_at`]),
+    /// is what the AVX-512 kernel reads; without it, or in other modes, the
+    /// product reads `dt_proj`.
+    #[allow(clippy::too_many_arguments)]
     pub fn dt_proj_softplus(
         dbc: &[f32],
         dbc_stride: usize,
         rows: usize,
         dt_proj: &Tensor<'_>,
+        dt_proj_t: Option<&Tensor<'_>>,
         dt_bias: &Tensor<'_>,
         channels: (usize, usize),
         dt: &mut [f32],
     ) {
         let (f0, width) = (channels.0, channels.1 - channels.0);
-        // dt_rank's columns of each dbc row are the product's rows (read in place).
-        linear_strided((dbc, dbc_stride), rows, dt_proj, Some(dt_bias), channels, |t, d, v| {
-            super::copy_run(&mut dt[t * width + d - f0..], v)
+        let done = dt_proj_t
+            .is_some_and(|wt| {
+            let shape = (dt_proj.rows, dt_proj.cols);
+            super::dt_avx512::dt_proj_t((dbc, dbc_stride), rows, wt, shape, dt_bias, channels, dt)
         });
+        // dt_rank's columns of each dbc row are the product's rows (read in place).
+        if !done {
+            linear_strided((dbc, dbc_stride), rows, dt_proj, Some(dt_bias), channels, |t, d, v| {
+                super::copy_run(&mut dt[t * width + d - f0..], v)
+            });
+        }
         // A separate pass, so the branch-free softplus vectorises.
         for o in dt[..rows * width].iter_mut() {
             *o = softplus(*o);
@@ -104,7 +116,7 @@ mod tests {
             for rows in [1, 5] {
                 for (f0, f1) in [(0, DI), (3, 7)] {
                     let mut dt = [f32::NAN; 5 * DI];
-                    dt_proj_softplus(&dbc, stride, rows, &w, &bias, (f0, f1), &mut dt);
+                    dt_proj_softplus(&dbc, stride, rows, &w, None, &bias, (f0, f1), &mut dt);
                     let width = f1 - f0;
                     for t in 0..rows {
                         for d in f0..f1 {

@@ -10,6 +10,8 @@ pub mod avx512;
 pub mod conv;
 pub mod conv_avx512;
 pub mod dot;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub mod dt_avx512;
 pub mod embed;
 pub mod linear;
 #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]

@@ -68,6 +68,7 @@ impl HostModel {
                     conv_b: c.use_conv_bias.then(|| t(b + 4, 1, di)),
                     x_proj: t(b + 5, c.x_proj_dim(), di),
                     dt_proj: t(b + 6, di, c.dt_rank),
+                    dt_proj_t: None,
                     dt_bias: t(b + 7, 1, di),
                     a: t(b + 8, di, c.d_state),
                     d: t(b + 9, 1, di),

@@ -193,6 +193,7 @@ fn main() -> ! {
             conv_b: opt(l.conv_b, "conv1d bias"),
             x_proj: t(l.x_proj, "x_proj"),
             dt_proj: t(l.dt_proj, "dt_proj weight"),
+            dt_proj_t: None,
             dt_bias: t(l.dt_bias, "dt_proj bias"),
             a: Tensor::new(WData::F32(a), CFG.d_inner, CFG.d_state, "A").unwrap_or_else(|e| fail("A", e)),
             d: t(l.d, "D"),

@@ -99,14 +99,19 @@ mod x86 {
         let tv = by_tap(load4(taps));
         let mut win = by_tap(load4(state));
         let b = _mm512_loadu_ps(bias.as_ptr());
-        let (one, sign) = (_mm512_set1_ps(1.0), _mm512_set1_ps(-0.0));
+        // The sign bit flipped as integers: `_mm512_xor_ps` is AVX-512 DQ, which
+        // this function does not enable (it was a call per use).
+        let (one, sign) = (_mm512_set1_ps(1.0), _mm512_set1_epi32(i32::MIN));
         for t in 0..len {
             win = [win[1], win[2], win[3], _mm512_loadu_ps(x(t).as_ptr())];
             let mut acc = b;
             for c in 0..K {
                 acc = _mm512_add_ps(acc, _mm512_mul_ps(tv[c], win[c]));
             }
-            let e = super::super::scan_avx512::exp16(_mm512_xor_ps(acc, sign));
+            let e = super::super::scan_avx512::exp16(_mm512_castsi512_ps(_mm512_xor_si512(
+                _mm512_castps_si512(acc),
+                sign,
+            )));
             let mut out = [0.0f32; N];
             _mm512_storeu_ps(out.as_mut_ptr(), _mm512_div_ps(acc, _mm512_add_ps(one, e)));
             write(t, &out);

@@ -28,7 +28,7 @@ pub(crate) use x86::*;
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{MAX_K, ROWS};
-    use crate::kernels::avx512::x86::{Q8Rows, Rows16};
+    use crate::kernels::avx512::x86::{reduce_pairs, Q8Rows, Rows16};
     use crate::tensor::Q8_BLOCK;
     use core::arch::x86_64::*;
     use core::mem::MaybeUninit;
@@ -118,7 +118,7 @@ mod x86 {
     /// even and the odd blocks; block `b` adds lane `j` of
     /// `q[2j] x[2j] + q[2j+1] x[2j+1]` (exact in int32, then exact in f32:
     /// below 2^24) times `d_w[b] * d_x[b]` by one FMA. The two are added and
-    /// reduced in `_mm512_reduce_add_ps`'s tree, the same as the float tiles.
+    /// reduced in `_mm512_reduce_add_ps`'s tree ([`reduce_pairs`]), as the float tiles.
     ///
     /// # Safety
     /// AVX-512 F/BW/VL are available; rows `o..o + R` of `w` are in bounds;
@@ -182,12 +182,6 @@ mod x86 {
             }
             g += 16;
         }
-        let mut out = [[0.0f32; T]; R];
-        for r in 0..R {
-            for t in 0..T {
-                out[r][t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][t][0], acc[r][t][1]));
-            }
-        }
-        out
+        reduce_pairs(&acc)
     }
 }

@@ -93,7 +93,7 @@ pub fn step16(
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::exp16;
+pub(crate) use x86::{exp16, lane_sums16};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -152,29 +152,37 @@ mod x86 {
     /// (lanes `j` and `j + w` for w = 8, 4, 2, 1), two channels' halves
     /// side by side in each add.
     #[inline(always)]
-    unsafe fn lane_sums16(p: [__m512; N]) -> __m512 {
+    pub(crate) unsafe fn lane_sums16(p: [__m512; N]) -> __m512 {
+        // Plain loops, not `array::from_fn`: a closure does not inherit
+        // the caller's target features, so its intrinsics became calls.
         // w = 8: [a0..8 | b0..8] + [a8..16 | b8..16], channel pairs (2i, 2i+1).
-        let s: [__m512; 8] = core::array::from_fn(|i| {
+        let mut s = [_mm512_setzero_ps(); 8];
+        for (i, si) in s.iter_mut().enumerate() {
             let (a, b) = (p[2 * i], p[2 * i + 1]);
-            _mm512_add_ps(
+            *si = _mm512_add_ps(
                 _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
                 _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
-            )
-        });
+            );
+        }
         // w = 4: s[i] holds 128-bit groups [c0 lo, c0 hi, c1 lo, c1 hi].
-        let t: [__m512; 4] = core::array::from_fn(|i| {
+        let mut t = [_mm512_setzero_ps(); 4];
+        for (i, ti) in t.iter_mut().enumerate() {
             let (a, b) = (s[2 * i], s[2 * i + 1]);
-            _mm512_add_ps(
+            *ti = _mm512_add_ps(
                 _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
                 _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
-            )
-        });
+            );
+        }
         // t[i]: 128-bit group g is channel 4i + g's four partial sums.
         // w = 2 and w = 1 within each group, two registers at a time.
-        let r: [__m512; 2] = core::array::from_fn(|i| {
+        let mut r = [_mm512_setzero_ps(); 2];
+        for (i, ri) in r.iter_mut().enumerate() {
             let (a, b) = (t[2 * i], t[2 * i + 1]);
-            _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(a, b), _mm512_shuffle_ps::<0b11_10_11_10>(a, b))
-        });
+            *ri = _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
+            );
+        }
         // r[i], group g: [ch 4(2i)+g: 2 sums, ch 4(2i+1)+g: 2 sums].
         let v = _mm512_add_ps(
             _mm512_shuffle_ps::<0b10_00_10_00>(r[0], r[1]),

@@ -8,18 +8,22 @@ mod common;
 
 use common::{bits, values};
 
+use half::bf16;
 use mamba_core::kernels::{selective_scan_seq, selective_scan_step, ScanRows};
 use mamba_core::WData;
 
-/// (prefill y, prefill final state, step y, step final state).
-fn run(n_s: usize, di: usize, len: usize) -> [Vec<f32>; 4] {
+/// (prefill y, prefill final state, step y, step final state); A and D
+/// stored in bf16 when `half` (the step widens them a block at a time).
+fn run(n_s: usize, di: usize, len: usize, half: bool) -> [Vec<f32>; 4] {
     let (r, xp) = (3, 3 + 2 * n_s);
     let (x, dt) = (values(len * di, 1, -2.0, 2.0), values(len * di, 2, 0.001, 0.6));
     let (dbc, xz) = (values(len * xp, 3, -1.0, 1.0), values(len * 2 * di, 4, -3.0, 3.0));
     let (a, d, h0) =
         (values(di * n_s, 5, -6.0, -0.1), values(di, 6, 0.5, 1.5), values(di * n_s, 7, -1.0, 1.0));
     let rows = ScanRows { x: &x, dt: &dt, dbc: &dbc, xz: &xz, d_inner: di, d_state: n_s, dt_rank: r };
-    let (aw, dw) = (WData::F32(&a), WData::F32(&d));
+    let (ah, dh): (Vec<bf16>, Vec<bf16>) =
+        (a.iter().map(|&v| bf16::from_f32(v)).collect(), d.iter().map(|&v| bf16::from_f32(v)).collect());
+    let (aw, dw) = if half { (WData::BF16(&ah), WData::BF16(&dh)) } else { (WData::F32(&a), WData::F32(&d)) };
     let (mut hp, mut y) = (h0.clone(), vec![0.0f32; len * di]);
     selective_scan_seq(rows, len, aw, dw, &mut hp, &mut y);
     let (mut hs, mut ys) = (h0, vec![0.0f32; len * di]);
@@ -43,13 +47,22 @@ fn run(n_s: usize, di: usize, len: usize) -> [Vec<f32>; 4] {
 
 #[test]
 fn scan_prefill_equals_step_in_every_mode_and_the_modes_agree() {
-    // (d_state, d_inner, tokens): whole blocks of 16, a partial block, a
-    // long run, other d_state.
-    let shapes =
-        [(16, 16, 9), (16, 37, 5), (16, 64, 3), (16, 21, 300), (8, 20, 4), (1, 3, 2), (4, 17, 3), (17, 5, 3)];
+    // (d_state, d_inner, tokens, A and D in bf16): whole blocks of 16, a
+    // partial block, a long run, other d_state.
+    let shapes = [
+        (16, 16, 9, false),
+        (16, 37, 5, false),
+        (16, 37, 5, true),
+        (16, 64, 3, false),
+        (16, 21, 300, false),
+        (8, 20, 4, false),
+        (1, 3, 2, false),
+        (4, 17, 3, true),
+        (17, 5, 3, false),
+    ];
     let mut first: Option<Vec<[Vec<f32>; 4]>> = None;
     common::in_every_mode(|mode| {
-        let got: Vec<[Vec<f32>; 4]> = shapes.iter().map(|&(n, d, l)| run(n, d, l)).collect();
+        let got: Vec<[Vec<f32>; 4]> = shapes.iter().map(|&(n, d, l, h)| run(n, d, l, h)).collect();
         for (r, s) in got.iter().zip(&shapes) {
             assert_eq!(bits(&r[0]), bits(&r[2]), "{mode}: prefill y vs step {s:?}");
             assert_eq!(bits(&r[1]), bits(&r[3]), "{mode}: prefill state vs step {s:?}");

@@ -290,17 +290,21 @@ multiversion! {
         let done = n_s == LANES
             && match a {
                 WData::F32(av) => {
-                    scan_avx512::step16(state, &av[d0 * LANES..(d0 + n) * LANES], &x[d0..d0 + n], &dt[d0..d0 + n], fixed(b, 0), fixed(c, 0), y)
+                    let (av, xs, dts) = (&av[d0 * LANES..(d0 + n) * LANES], &x[d0..d0 + n], &dt[d0..d0 + n]);
+                    scan_avx512::step16(state, av, xs, dts, fixed(b, 0), fixed(c, 0), y)
                 }
                 // A not in f32 (never so loaded: it is computed at load),
                 // widened a block of channels at a time.
-                _ => state.chunks_mut(LANES * LANES).zip(y.chunks_mut(LANES)).enumerate().all(|(i, (hs, ys))| {
-                    let (d, m) = (d0 + i * LANES, ys.len());
-                    let mut a_blk = [0.0f32; LANES * LANES];
-                    a.widen_into(d * LANES, &mut a_blk[..m * LANES]);
-                    let (xs, dts) = (&x[d..d + m], &dt[d..d + m]);
-                    scan_avx512::step16(hs, &a_blk[..m * LANES], xs, dts, fixed(b, 0), fixed(c, 0), ys)
-                }),
+                _ => {
+                    let blocks = state.chunks_mut(LANES * LANES).zip(y.chunks_mut(LANES));
+                    blocks.enumerate().all(|(i, (hs, ys))| {
+                        let (d, m) = (d0 + i * LANES, ys.len());
+                        let mut a_blk = [0.0f32; LANES * LANES];
+                        a.widen_into(d * LANES, &mut a_blk[..m * LANES]);
+                        let (xs, dts) = (&x[d..d + m], &dt[d..d + m]);
+                        scan_avx512::step16(hs, &a_blk[..m * LANES], xs, dts, fixed(b, 0), fixed(c, 0), ys)
+                    })
+                }
             };
         let mut a_buf = [0.0f32; MAX_D_STATE];
         for (k, (h, yv)) in state.chunks_exact_mut(n_s).zip(y.iter_mut()).enumerate().filter(|_| !done) {

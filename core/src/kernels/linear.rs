@@ -79,9 +79,8 @@ multiversion! {
         dt: &mut [f32],
     ) {
         let (f0, width) = (channels.0, channels.1 - channels.0);
-        let done = dt_proj_t
-            .is_some_and(|wt| {
-            let shape = (dt_proj.rows, dt_proj.cols);
+        let shape = (dt_proj.rows, dt_proj.cols);
+        let done = dt_proj_t.is_some_and(|wt| {
             super::dt_avx512::dt_proj_t((dbc, dbc_stride), rows, wt, shape, dt_bias, channels, dt)
         });
         // dt_rank's columns of each dbc row are the product's rows (read in place).

@@ -6,17 +6,25 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp_fast(-x))
 }
 
+// exp_fast's constants, shared with the AVX-512 exponentials.
+/// `log2(e)`.
+pub(crate) const LOG2E: f32 = core::f32::consts::LOG2_E;
+/// `ln 2` in two parts: `n * LN2_HI` is exact for `|n| <= 127`.
+pub(crate) const LN2_HI: f32 = 0.693_145_75;
+pub(crate) const LN2_LO: f32 = 1.428_606_8e-6;
+/// 1.5 * 2^23: adding it rounds to an integer.
+pub(crate) const ROUND: f32 = 12_582_912.0;
+/// The inputs' clamp: the f32 range of `e^x`.
+pub(crate) const EXP_LO: f32 = -87.0;
+pub(crate) const EXP_HI: f32 = 88.0;
+
 /// `e^x` to about 2e-7 relative error, branch-free so loops over it
 /// vectorise: `x = n ln2 + r`, `|r| <= ln2 / 2`, a degree-6 polynomial for
 /// `e^r`, and `2^n` built in the exponent bits. Inputs are clamped to the
 /// f32 range (below -87 the result is 0 to within f32's normal range).
 #[inline(always)]
 pub fn exp_fast(x: f32) -> f32 {
-    const LOG2E: f32 = core::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let x = x.clamp(-87.0, 88.0);
+    let x = x.clamp(EXP_LO, EXP_HI);
     let shifted = x * LOG2E + ROUND;
     let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;

@@ -98,18 +98,15 @@ pub(crate) use x86::{exp16, lane_sums16};
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Token, N};
+    use crate::kernels::act::{EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, ROUND};
     use core::arch::x86_64::*;
 
     /// [`crate::kernels::act::exp_fast`], lane-wise, the same operations in
     /// the same order.
     #[inline(always)]
     pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
-        const LOG2E: f32 = core::f32::consts::LOG2_E;
-        const LN2_HI: f32 = 0.693_145_75;
-        const LN2_LO: f32 = 1.428_606_8e-6;
-        const ROUND: f32 = 12_582_912.0;
         let s = _mm512_set1_ps;
-        let x = _mm512_min_ps(_mm512_max_ps(x, s(-87.0)), s(88.0));
+        let x = _mm512_min_ps(_mm512_max_ps(x, s(EXP_LO)), s(EXP_HI));
         let n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, s(LOG2E)), s(ROUND)), s(ROUND));
         let r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, s(LN2_HI))), _mm512_mul_ps(n, s(LN2_LO)));
         let mut p = _mm512_mul_ps(r, s(1.0 / 720.0));
@@ -127,12 +124,8 @@ mod x86 {
     /// (`max`/`min` return their second operand when one is NaN).
     #[inline(always)]
     unsafe fn exp16_fused(x: __m512) -> __m512 {
-        const LOG2E: f32 = core::f32::consts::LOG2_E;
-        const LN2_HI: f32 = 0.693_145_75;
-        const LN2_LO: f32 = 1.428_606_8e-6;
-        const ROUND: f32 = 12_582_912.0;
         let s = _mm512_set1_ps;
-        let x = _mm512_min_ps(s(88.0), _mm512_max_ps(s(-87.0), x));
+        let x = _mm512_min_ps(s(EXP_HI), _mm512_max_ps(s(EXP_LO), x));
         let shifted = _mm512_fmadd_ps(x, s(LOG2E), s(ROUND));
         let n = _mm512_sub_ps(shifted, s(ROUND));
         let r = _mm512_fnmadd_ps(n, s(LN2_LO), _mm512_fnmadd_ps(n, s(LN2_HI), x));

@@ -16,11 +16,7 @@ use mamba_core::{Tensor, WData};
 /// `w` (`[di, r]`) in the blocked layout, zeros in a partial last block.
 fn blocked<T: Copy + Default>(w: &[T], di: usize, r: usize) -> Vec<T> {
     let mut out = vec![T::default(); dt_avx512::blocked_rows(di, r) * dt_avx512::BLOCK];
-    for d in 0..di {
-        for k in 0..r {
-            out[dt_avx512::blocked_at(d, k, r)] = w[d * r + k];
-        }
-    }
+    dt_avx512::to_blocked(w, di, r, &mut out);
     out
 }
 

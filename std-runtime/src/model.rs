@@ -120,9 +120,7 @@ impl Transposed {
     fn of(t: &Tensor<'_>) -> Self {
         fn flip<T: Copy + Default>(v: &[T], di: usize, r: usize) -> Vec<T> {
             let mut out = vec![T::default(); dt_avx512::blocked_rows(di, r) * dt_avx512::BLOCK];
-            for (i, &w) in v.iter().enumerate() {
-                out[dt_avx512::blocked_at(i / r, i % r, r)] = w;
-            }
+            dt_avx512::to_blocked(v, di, r, &mut out);
             out
         }
         match t.data {
@@ -229,12 +227,13 @@ impl LoadedModel {
             lm_head,
         };
         // Resolve every tensor once so a bad checkpoint fails here, not mid-run.
-        model.view()?.model().validate()?;
+        let view = model.view()?;
+        view.model().validate()?;
         // The kernels are chosen before the weights are laid out for them.
         crate::cpu::init_simd();
         if mamba_core::kernels::simd::avx512_enabled() {
-            let view = model.view()?;
-            model.dt_proj_t = view.layers.iter().map(|l| Transposed::of(&l.dt_proj)).collect();
+            let dt_proj_t = view.layers.iter().map(|l| Transposed::of(&l.dt_proj)).collect();
+            model.dt_proj_t = dt_proj_t;
         }
         Ok(model)
     }

@@ -33,6 +33,15 @@ pub fn blocked_at(d: usize, k: usize, dt_rank: usize) -> usize {
     (d / BLOCK * dt_rank + k) * BLOCK + d % BLOCK
 }
 
+/// `w` (`[d_inner, dt_rank]`) laid out into `out` ([`blocked_rows`] x
+/// [`BLOCK`] values) at [`blocked_at`]; the padding of a partial last block
+/// is left as `out` holds it (zeros, for the kernel).
+pub fn to_blocked<T: Copy>(w: &[T], d_inner: usize, dt_rank: usize, out: &mut [T]) {
+    for (i, &v) in w.iter().enumerate().take(d_inner * dt_rank) {
+        out[blocked_at(i / dt_rank, i % dt_rank, dt_rank)] = v;
+    }
+}
+
 /// `out[t * (f1 - f0) + d - f0] = x[t] . dt_proj[d] + bias[d]` for channels
 /// `d` in `f0..f1` (of `d_inner`) and `rows` rows of `x` that are
 /// `x_stride` apart (their first `dt_rank` values), from `wt`, dt_proj in

@@ -579,6 +579,53 @@ pub(crate) mod x86 {
         reduce_pairs(&acc)
     }
 
+    /// `lane_sum` of each of 16 registers (a scan channel's or a tile
+    /// pair's), as one register whose lane `k` is register `k`'s sum: the
+    /// same adds in the same tree as `_mm512_reduce_add_ps` (lanes `j` and
+    /// `j + w` for w = 8, 4, 2, 1), two registers' halves side by side in
+    /// each add.
+    #[inline(always)]
+    pub(crate) unsafe fn lane_sums16(p: [__m512; 16]) -> __m512 {
+        // Plain loops, not `array::from_fn`: a closure does not inherit
+        // the caller's target features, so its intrinsics became calls.
+        // w = 8: [a0..8 | b0..8] + [a8..16 | b8..16], channel pairs (2i, 2i+1).
+        let mut s = [_mm512_setzero_ps(); 8];
+        for (i, si) in s.iter_mut().enumerate() {
+            let (a, b) = (p[2 * i], p[2 * i + 1]);
+            *si = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+            );
+        }
+        // w = 4: s[i] holds 128-bit groups [c0 lo, c0 hi, c1 lo, c1 hi].
+        let mut t = [_mm512_setzero_ps(); 4];
+        for (i, ti) in t.iter_mut().enumerate() {
+            let (a, b) = (s[2 * i], s[2 * i + 1]);
+            *ti = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+            );
+        }
+        // t[i]: 128-bit group g is channel 4i + g's four partial sums.
+        // w = 2 and w = 1 within each group, two registers at a time.
+        let mut r = [_mm512_setzero_ps(); 2];
+        for (i, ri) in r.iter_mut().enumerate() {
+            let (a, b) = (t[2 * i], t[2 * i + 1]);
+            *ri = _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
+            );
+        }
+        // r[i], group g: [ch 4(2i)+g: 2 sums, ch 4(2i+1)+g: 2 sums].
+        let v = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b10_00_10_00>(r[0], r[1]),
+            _mm512_shuffle_ps::<0b11_01_11_01>(r[0], r[1]),
+        );
+        // v, group g: channels [g, 4 + g, 8 + g, 12 + g]; put channel k in lane k.
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(order, v)
+    }
+
     /// Each pair's two chains added, then summed across lanes in
     /// `_mm512_reduce_add_ps`'s tree (lanes j and j + w, w = 8, 4, 2, 1):
     /// for tiles of 8 pairs or more, all of them through one transposing
@@ -596,7 +643,7 @@ pub(crate) mod x86 {
                 }
             }
             let mut s = [0.0f32; 16];
-            _mm512_storeu_ps(s.as_mut_ptr(), crate::kernels::scan_avx512::lane_sums16(p));
+            _mm512_storeu_ps(s.as_mut_ptr(), lane_sums16(p));
             for r in 0..R {
                 out[r].copy_from_slice(&s[r * T..(r + 1) * T]);
             }

@@ -93,12 +93,13 @@ pub fn step16(
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{exp16, lane_sums16};
+pub(crate) use x86::exp16;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Token, N};
     use crate::kernels::act::{EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, ROUND};
+    use crate::kernels::avx512::x86::lane_sums16;
     use core::arch::x86_64::*;
 
     /// [`crate::kernels::act::exp_fast`], lane-wise, the same operations in
@@ -138,52 +139,6 @@ mod x86 {
         let e =
             _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_castps_si512(shifted), _mm512_set1_epi32(127)));
         _mm512_mul_ps(p, _mm512_castsi512_ps(e))
-    }
-
-    /// `lane_sum` of each of 16 registers (one per channel), as one register
-    /// whose lane `k` is channel `k`'s sum: the same adds in the same tree
-    /// (lanes `j` and `j + w` for w = 8, 4, 2, 1), two channels' halves
-    /// side by side in each add.
-    #[inline(always)]
-    pub(crate) unsafe fn lane_sums16(p: [__m512; N]) -> __m512 {
-        // Plain loops, not `array::from_fn`: a closure does not inherit
-        // the caller's target features, so its intrinsics became calls.
-        // w = 8: [a0..8 | b0..8] + [a8..16 | b8..16], channel pairs (2i, 2i+1).
-        let mut s = [_mm512_setzero_ps(); 8];
-        for (i, si) in s.iter_mut().enumerate() {
-            let (a, b) = (p[2 * i], p[2 * i + 1]);
-            *si = _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
-                _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
-            );
-        }
-        // w = 4: s[i] holds 128-bit groups [c0 lo, c0 hi, c1 lo, c1 hi].
-        let mut t = [_mm512_setzero_ps(); 4];
-        for (i, ti) in t.iter_mut().enumerate() {
-            let (a, b) = (s[2 * i], s[2 * i + 1]);
-            *ti = _mm512_add_ps(
-                _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
-                _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
-            );
-        }
-        // t[i]: 128-bit group g is channel 4i + g's four partial sums.
-        // w = 2 and w = 1 within each group, two registers at a time.
-        let mut r = [_mm512_setzero_ps(); 2];
-        for (i, ri) in r.iter_mut().enumerate() {
-            let (a, b) = (t[2 * i], t[2 * i + 1]);
-            *ri = _mm512_add_ps(
-                _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
-                _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
-            );
-        }
-        // r[i], group g: [ch 4(2i)+g: 2 sums, ch 4(2i+1)+g: 2 sums].
-        let v = _mm512_add_ps(
-            _mm512_shuffle_ps::<0b10_00_10_00>(r[0], r[1]),
-            _mm512_shuffle_ps::<0b11_01_11_01>(r[0], r[1]),
-        );
-        // v, group g: channels [g, 4 + g, 8 + g, 12 + g]; put channel k in lane k.
-        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-        _mm512_permutexvar_ps(order, v)
     }
 
     /// # Safety

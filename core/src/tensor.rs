@@ -131,8 +131,8 @@ impl<'a> WData<'a> {
 
 /// One Q8_0 weight: `q * d`. Exact in f32 (8 bits times 11 bits of
 /// mantissa), so a Q8_0 product equals the f32 product over the
-/// dequantized weights, bit for bit, in every kernel but AVX-512's, which
-/// rounds the activations to int16 ([`crate::kernels::q8_avx512`]).
+/// dequantized weights, bit for bit, in every kernel but AVX-512 VNNI's,
+/// which rounds the activations to int8 ([`crate::kernels::q8_avx512`]).
 #[inline(always)]
 pub fn q8_weight(q: i8, d: f16) -> f32 {
     q as f32 * d.to_f32()

@@ -1,6 +1,6 @@
-//! Q8_0 weights: every kernel but AVX-512's gives the bits of the f32
+//! Q8_0 weights: every kernel but AVX-512 VNNI's gives the bits of the f32
 //! product over the dequantized weights (each `q * d` is exact in f32);
-//! AVX-512's sums in integers over int16 activations, bit for bit as its
+//! VNNI's sums in integers over int8 activations, bit for bit as its
 //! scalar model here and within the rounding bound of the exact product.
 //! A separate test binary: switching SIMD on is process-wide.
 
@@ -30,25 +30,26 @@ fn product(x: &[f32], rows: usize, w: &Tensor<'_>, f: (usize, usize)) -> Vec<f32
     out
 }
 
-/// The AVX-512 Q8_0 arithmetic, one scalar step at a time: `x` quantized to
-/// int16 per block of 32 (scale `max |x| / 32767`, ties to even), a block's
-/// pairs summed exactly into 16 lanes, each lane times `d_w * d_x` added by
-/// one FMA into the even or the odd blocks' chain, the chains added and the
-/// lanes summed in halves.
-fn int16_reference(q: &[i8], d: &[f16], x: &[f32]) -> f32 {
-    let mut acc = [[0.0f32; 16]; 2];
+/// The AVX-512 VNNI Q8_0 arithmetic, one scalar step at a time: `x`
+/// quantized to int8 per block of 32 (scale `max |x| / 127`, ties to even),
+/// a block's products summed exactly four to a lane into 8 lanes, each
+/// lane times `d_w * d_x` added by one FMA into the even or the odd blocks'
+/// chain, the chains added (each plus +0, as the tiles' second register is
+/// zero) and the lanes summed in halves.
+fn int8_reference(q: &[i8], d: &[f16], x: &[f32]) -> f32 {
+    let mut acc = [[0.0f32; 8]; 2];
     for (b, xb) in x[..q.len()].chunks_exact(Q8_BLOCK).enumerate() {
         let m = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let (inv, dx) = if m < 1e-30 { (0.0, 0.0) } else { (32767.0 / m, m / 32767.0) };
-        let xq: Vec<i32> = xb.iter().map(|v| (v * inv).round_ties_even() as i32).collect();
+        let (inv, dx) = if m < 1e-30 { (0.0, 0.0) } else { (127.0 / m, m / 127.0) };
+        let xq: Vec<i32> = xb.iter().map(|v| ((v * inv).round_ties_even() as i32).clamp(-128, 127)).collect();
         let s = d[b].to_f32() * dx;
         let qb = &q[b * Q8_BLOCK..];
-        for j in 0..16 {
-            let p = qb[2 * j] as i32 * xq[2 * j] + qb[2 * j + 1] as i32 * xq[2 * j + 1];
-            acc[b % 2][j] = (p as f32).mul_add(s, acc[b % 2][j]);
+        for (j, a) in acc[b % 2].iter_mut().enumerate() {
+            let p: i32 = (4 * j..4 * j + 4).map(|i| qb[i] as i32 * xq[i]).sum();
+            *a = (p as f32).mul_add(s, *a);
         }
     }
-    let mut v: Vec<f32> = (0..16).map(|j| acc[0][j] + acc[1][j]).collect();
+    let mut v: Vec<f32> = (0..8).map(|j| (acc[0][j] + 0.0) + (acc[1][j] + 0.0)).collect();
     while v.len() > 1 {
         let h = v.len() / 2;
         v = (0..h).map(|j| v[j] + v[j + h]).collect();
@@ -57,20 +58,21 @@ fn int16_reference(q: &[i8], d: &[f16], x: &[f32]) -> f32 {
 }
 
 /// How far rounding the activations may move a Q8_0 product: half a step of
-/// each block's largest |x| / 32767 per weight, plus f32 rounding.
-fn int16_bound(w: &[f32], x: &[f32]) -> f64 {
+/// each block's largest |x| / 127 per weight, plus f32 rounding.
+fn int8_bound(w: &[f32], x: &[f32]) -> f64 {
     let mut bound = 0.0f64;
     for (wb, xb) in w.chunks_exact(Q8_BLOCK).zip(x.chunks_exact(Q8_BLOCK)) {
         let m = xb.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
-        bound += wb.iter().map(|&v| v.abs() as f64).sum::<f64>() * m / 65534.0;
+        bound += wb.iter().map(|&v| v.abs() as f64).sum::<f64>() * m / 254.0;
     }
     bound + 1e-6 * w.iter().zip(x).map(|(a, b)| (a * b).abs() as f64).sum::<f64>()
 }
 
 fn check_mode(mode: &str) {
-    // AVX-512 sums Q8_0 blocks in integers over int16 activations; the
-    // other modes multiply dequantized weights, exactly.
-    let ints = mode == "avx512";
+    // AVX-512 with VNNI sums Q8_0 blocks in integers over int8 activations;
+    // the other modes (AVX-512 without VNNI too) multiply dequantized
+    // weights, exactly.
+    let ints = mode == "avx512" && mamba_core::kernels::simd::vnni_enabled();
     // 8224 is wider than the AVX-512 kernels quantize on the stack: dequantized there too.
     for k in [32, 64, 96, 768, 8224] {
         let n_out = 10;
@@ -112,16 +114,16 @@ fn check_mode(mode: &str) {
                     for o in f.0..f.1 {
                         let (got, (qo, dq)) = (a[t * n_out + o], qrow(o));
                         let at = format!("{mode}: k={k} rows={rows} features {f:?}: token {t} feature {o}");
-                        assert_eq!(got.to_bits(), int16_reference(qo, dq, xt).to_bits(), "{at}");
+                        assert_eq!(got.to_bits(), int8_reference(qo, dq, xt).to_bits(), "{at}");
                         let wo = &deq[o * k..(o + 1) * k];
                         let exact: f64 = wo.iter().zip(xt).map(|(&w, &v)| w as f64 * v as f64).sum();
-                        assert!((got as f64 - exact).abs() <= int16_bound(wo, xt), "{at}: {got} vs {exact}");
+                        assert!((got as f64 - exact).abs() <= int8_bound(wo, xt), "{at}: {got} vs {exact}");
                     }
                 }
             }
             for o in 0..n_out {
                 let xr = &x[..k];
-                let want = if ints { int16_reference(qrow(o).0, qrow(o).1, xr) } else { dot(wf.row(o), xr) };
+                let want = if ints { int8_reference(qrow(o).0, qrow(o).1, xr) } else { dot(wf.row(o), xr) };
                 assert_eq!(dot(wq.row(o), xr).to_bits(), want.to_bits(), "{mode} dot k={k}");
                 assert_eq!(dot_portable(wq.row(o), xr).to_bits(), dot_portable(wf.row(o), xr).to_bits());
             }
@@ -146,8 +148,10 @@ fn check_special_activations(mode: &str) {
     x[32..64].fill(0.0);
     x[64..96].iter_mut().for_each(|v| *v *= 1e-35);
     let v = product(&x, 1, &wq, (0, 2));
-    let head: f32 = (0..32).map(|i| q[i] as f32 * d[0].to_f32() * x[i]).sum();
-    assert!(v[0].is_finite() && (v[0] - head).abs() < 1e-3 * head.abs().max(1.0), "{mode}: {v:?} vs {head}");
+    let w0: Vec<f32> = (0..32).map(|i| q[i] as f32 * d[0].to_f32()).collect();
+    let head: f32 = w0.iter().zip(&x).map(|(w, v)| w * v).sum();
+    let tol = int8_bound(&w0, &x[..32]) as f32;
+    assert!(v[0].is_finite() && (v[0] - head).abs() <= tol, "{mode}: {v:?} vs {head}");
     for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
         for at in [0, 33, 95] {
             let mut xb = x.clone();
@@ -169,6 +173,20 @@ fn q8_products_in_every_mode_against_the_dequantized_f32_products() {
         check_mode(mode);
         check_special_activations(mode);
     });
+    // AVX-512 without VNNI (as on CPUs that lack it) dequantizes instead.
+    #[cfg(target_arch = "x86_64")]
+    if common::has_avx512() {
+        use mamba_core::kernels::simd;
+        // SAFETY: has_avx512 checked the features just above.
+        #[allow(unsafe_code)]
+        unsafe {
+            simd::enable_avx512()
+        };
+        assert!(!simd::vnni_enabled());
+        check_mode("avx512 without vnni");
+        check_special_activations("avx512 without vnni");
+        simd::disable_avx512();
+    }
 }
 
 #[test]

@@ -2,9 +2,10 @@
 //!
 //! The core cannot detect features without `std`; this switches its AVX2
 //! kernels on once when the CPU has AVX2, FMA and F16C, and its AVX-512
-//! tiles when it also has AVX-512 F/BW/VL. `MAMBA_SIMD=0` keeps the
-//! portable kernels, `MAMBA_SIMD=avx2` stops at AVX2 (to compare, or to
-//! rule a kernel set out).
+//! tiles when it also has AVX-512 F/BW/VL, and int8 Q8_0 products when it
+//! also has AVX-512 VNNI. `MAMBA_SIMD=0` keeps the portable kernels,
+//! `MAMBA_SIMD=avx2` stops at AVX2 and `MAMBA_SIMD=avx512` before VNNI (to
+//! compare, or to rule a kernel set out).
 
 use std::sync::OnceLock;
 
@@ -36,6 +37,15 @@ pub fn init_simd() -> &'static str {
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
         {
+            let no_vnni = std::env::var("MAMBA_SIMD").is_ok_and(|v| v.eq_ignore_ascii_case("avx512"));
+            if !no_vnni && is_x86_feature_detected!("avx512vnni") {
+                // SAFETY: all seven features were detected on this CPU just above.
+                #[allow(unsafe_code)]
+                unsafe {
+                    mamba_core::kernels::simd::enable_vnni()
+                };
+                return "avx512+vnni+avx2+fma+f16c";
+            }
             // SAFETY: all six features were detected on this CPU just above.
             #[allow(unsafe_code)]
             unsafe {

@@ -71,10 +71,10 @@ fn max_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
 
 #[test]
 fn q8_models_run_every_path_alike_and_as_their_dequantized_f32_twins() {
-    // Without AVX-512 a Q8_0 product is the f32 product over the
+    // Without AVX-512 VNNI a Q8_0 product is the f32 product over the
     // dequantized weights, bit for bit; with it, activations are rounded to
-    // int16 per block, which moves logits by about 1e-5 of their range.
-    let exact = !mamba_runtime::cpu::init_simd().starts_with("avx512");
+    // int8 per block (as llama.cpp's Q8_0 products do).
+    let exact = !mamba_runtime::cpu::init_simd().contains("vnni");
     let pool = RayonParallel::new(2).unwrap();
     for case in CASES {
         let (t, _dir, q) = quantized(case);
@@ -90,8 +90,11 @@ fn q8_models_run_every_path_alike_and_as_their_dequantized_f32_twins() {
             if exact {
                 assert_eq!(bits(x), bits(y), "{case}: {what}");
             }
+            // int8 activations move these random models' logits by up to
+            // 5% of their range, about as much as the weights' own rounding
+            // (the trained demo model's, far less: see below).
             let (d, m) = max_diff(x, y);
-            assert!(d <= 1e-3 * m.max(1.0), "{case}: {what}: |diff| {d} against logits up to {m}");
+            assert!(d <= 8e-2 * m.max(1.0), "{case}: {what}: |diff| {d} against logits up to {m}");
             worst = (worst.0.max(d), worst.1.max(m));
         };
         // The sequential run's prefill and step logits.
@@ -167,12 +170,43 @@ fn q8_logits_stay_near_transformers_float64_and_the_source_model() {
              model (logits up to {scale:.2}); top-1 agrees at {}/{} positions",
             agree.0, agree.1
         );
-        // 8-bit blocks of these random tiny models: a few percent of the
-        // logit range at worst (the exact kernels are checked above), and
-        // nearly every argmax kept.
-        assert!(vs_truth < 0.04 * scale.max(1.0), "{case}: {vs_truth} against logits up to {scale}");
+        // 8-bit blocks of these random tiny models (and int8 activations
+        // with VNNI): a few percent of the logit range at worst (the exact
+        // kernels are checked above), and nearly every argmax kept. The
+        // trained demo model is held to far less below.
+        assert!(vs_truth < 0.06 * scale.max(1.0), "{case}: {vs_truth} against logits up to {scale}");
         assert!(agree.0 * 10 >= agree.1 * 9, "{case}: top-1 agreement {agree:?}");
     }
+}
+
+#[test]
+fn q8_demo_model_keeps_its_held_out_perplexity() {
+    // A trained model, unlike the random fixtures: what quantizing costs in use.
+    let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/mamba-demo");
+    let src = LoadedModel::load(demo.to_str().unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    quantize_model(&src, dir.path(), false).unwrap();
+    let q = LoadedModel::load_dir(dir.path()).unwrap();
+    let tok = mamba_runtime::tokenizer::Tokenizer::from_dir(&src.dir).unwrap().unwrap();
+    let ids = tok.encode(&std::fs::read_to_string(demo.join("heldout.txt")).unwrap()).unwrap();
+    let pool = RayonParallel::new(2).unwrap();
+    let (mut a, mut b) = (Session::new(&src, &pool, 1).unwrap(), Session::new(&q, &pool, 1).unwrap());
+    let c = mamba_runtime::eval::compare(&mut a, &mut b, &ids, 512).unwrap();
+    let (p0, p1) = (c.reference.perplexity(), c.other.perplexity());
+    let agree = c.top1_agree as f64 / c.reference.tokens as f64;
+    eprintln!(
+        "demo model, {} positions: perplexity {p0:.4} -> {p1:.4}, |logit diff| max {:.3} mean {:.4}, top-1 {:.2}% ({})",
+        c.reference.tokens,
+        c.max_abs_logit_diff,
+        c.mean_abs_logit_diff,
+        agree * 100.0,
+        mamba_runtime::cpu::init_simd()
+    );
+    // Measured: +0.07% with exact products, -0.01% with int8 activations;
+    // mean |diff| 0.017 and 0.029, top-1 99.0% and 98.5%.
+    assert!((p1 / p0 - 1.0).abs() < 5e-3, "perplexity {p0} -> {p1}");
+    assert!(c.mean_abs_logit_diff < 0.06 && c.max_abs_logit_diff < 1.0, "{c:?}");
+    assert!(agree >= 0.97, "top-1 agreement {agree}");
 }
 
 #[test]

@@ -80,8 +80,9 @@ pub fn dot(w: WData<'_>, x: &[f32]) -> Option<f32> {
 }
 
 /// `$body` with `$p` the [`Product`] that runs rows of `$k` weights of
-/// `$w` (a `WData`): floats widened in registers; Q8_0 in integers, or
-/// dequantized where its rows are too wide to quantize on the stack.
+/// `$w` (a `WData`): floats widened in registers; Q8_0 in integers with
+/// VNNI, or dequantized without it or where its rows are too wide to
+/// quantize on the stack.
 #[cfg(target_arch = "x86_64")]
 macro_rules! with_product {
     ($w:expr, $k:expr, $p:ident => $body:expr) => {{
@@ -99,7 +100,8 @@ macro_rules! with_product {
                 let $p = &mut Floats::new(d.as_ptr(), k, 2);
                 $body
             }
-            WData::Q8_0 { q, d } => match Q8Ints::new(q, d, k) {
+            WData::Q8_0 { q, d } => match super::simd::vnni_enabled().then(|| Q8Ints::new(q, d, k)).flatten()
+            {
                 Some(mut ints) => {
                     let $p = &mut ints;
                     $body
@@ -202,7 +204,7 @@ impl<W: x86::Rows16> Product for Floats<W> {
     }
 }
 
-/// Q8_0 rows against activations quantized to int16 ([`super::q8_avx512`]).
+/// Q8_0 rows against activations quantized to int8 ([`super::q8_avx512`]).
 #[cfg(target_arch = "x86_64")]
 struct Q8Ints {
     w: x86::Q8Rows,

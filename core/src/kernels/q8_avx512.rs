@@ -1,19 +1,27 @@
-//! Q8_0 products in integers on x86-64 AVX-512, chosen with the tiles
-//! ([`super::simd::avx512_enabled`]).
+//! Q8_0 products in integers on x86-64 AVX-512 with VNNI, chosen with the
+//! tiles ([`super::simd::vnni_enabled`]).
 //!
-//! The activations are quantized to int16, one f32 scale per block of 32
-//! (the weights' blocks), and a block's 32 products are summed exactly by
-//! `vpmaddwd` into 16 int32 lanes. Per 32 weights that is one widening,
-//! one multiply-add, one conversion and one FMA, where dequantizing to f32
-//! takes two widenings, conversions, scalings and FMAs: batch-1 decode in
-//! Q8_0 was bound by those instructions, not by memory.
+//! The activations are quantized to int8 as GGUF's Q8_0 (and llama.cpp's
+//! Q8_0 products) do: one f32 scale, `max |x| / 127`, per block of 32, the
+//! weights' blocks. `vpdpbusd` sums a block's 32 products exactly into
+//! eight int32 lanes (on 256-bit registers, which Zen 4 runs two a cycle),
+//! then one conversion and one FMA scale the block by `d_w * d_x`: per 32
+//! weights and token three half-width instructions, where int16
+//! activations took three full-width ones and dequantizing to f32 nine.
 //!
-//! Rounding an activation costs at most half a step of 1/32767 of its
-//! block's largest magnitude, far below the weights' own 1/254: a product
-//! is within `sum |w| * max|x_block| / 65534` of the dequantized f32
-//! product. Every path (one row, tiles of any shape, `dot`) runs the same
-//! operations in the same order, so ragged = solo and threaded = sequential
-//! hold bit for bit as for the float kernels.
+//! `vpdpbusd` multiplies unsigned bytes by signed ones. The weights are
+//! made unsigned by flipping their top bit (`w + 128`, one xor a row and
+//! block for all tokens), and each lane's sum starts from `-128` times its
+//! four activations' sum, made once when the activations are quantized:
+//! `sum (w + 128) x - 128 sum x = sum w x`, exactly.
+//!
+//! Rounding an activation costs at most half a step of 1/127 of its
+//! block's largest magnitude: a product is within
+//! `sum |w| * max|x_block| / 254` of the dequantized f32 product (the
+//! weights' own rounding is of the same size). Every path (one row, tiles
+//! of any shape, `dot`) runs the same operations in the same order, so
+//! ragged = solo and threaded = sequential hold bit for bit as for the
+//! float kernels.
 #![allow(unsafe_code)]
 
 /// Widest row (`k`) quantized on the stack; wider products dequantize
@@ -35,17 +43,23 @@ mod x86 {
     use half::f16;
 
     const MAX_BLOCKS: usize = MAX_K / Q8_BLOCK;
-    /// The largest int16 level an activation is scaled to.
-    const LEVELS: f32 = 32767.0;
+    /// The largest int8 level an activation is scaled to.
+    const LEVELS: f32 = 127.0;
     /// Blocks whose largest magnitude is below this quantize to zero
     /// (`LEVELS / m` would overflow near f32's smallest normals).
     const TINY: f32 = 1e-30;
+    /// A `vpdpbusd` lane sums four byte products: a block is 8 lanes.
+    const LANES: usize = Q8_BLOCK / 4;
 
     /// Up to [`ROWS`] activation rows of `k` (a multiple of 32) quantized:
-    /// int16 values and one f32 scale (`max |x| / 32767`) per block.
+    /// int8 values, one f32 scale (`max |x| / 127`) per block, and per block
+    /// the eight lanes' `-128 * (sum of the lane's four values)`. Rows are
+    /// `k` apart, not `MAX_K`: rows a multiple of 4 KiB apart fall in the
+    /// same L1 sets and evict each other (measured: a third of the speed).
     pub struct QuantRows {
-        q: [MaybeUninit<i16>; ROWS * MAX_K],
+        q: [MaybeUninit<i8>; ROWS * MAX_K],
         s: [MaybeUninit<f32>; ROWS * MAX_BLOCKS],
+        c: [MaybeUninit<i32>; ROWS * MAX_BLOCKS * LANES],
         k: usize,
     }
 
@@ -56,6 +70,7 @@ mod x86 {
             (k <= MAX_K && k.is_multiple_of(Q8_BLOCK)).then_some(QuantRows {
                 q: [MaybeUninit::uninit(); ROWS * MAX_K],
                 s: [MaybeUninit::uninit(); ROWS * MAX_BLOCKS],
+                c: [MaybeUninit::uninit(); ROWS * MAX_BLOCKS * LANES],
                 k,
             })
         }
@@ -63,15 +78,17 @@ mod x86 {
         /// Quantize rows `t0..t0 + nt` (`nt <= ROWS`) of `x`, `stride` apart (`k` each), into rows `0..nt`.
         ///
         /// # Safety
-        /// AVX-512 F/BW/VL are available; those rows of `x` are in bounds.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        /// AVX-512 F/BW/VL and VNNI are available; those rows of `x` are in bounds.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
         pub unsafe fn quantize(&mut self, x: &[f32], stride: usize, t0: usize, nt: usize) {
             debug_assert!(nt <= ROWS && (nt == 0 || (t0 + nt - 1) * stride + self.k <= x.len()));
             let nb = self.k / Q8_BLOCK;
+            let top = _mm256_set1_epi8(-128);
             for j in 0..nt {
                 let xr = x.as_ptr().add((t0 + j) * stride);
-                let q = self.q.as_mut_ptr().add(j * MAX_K) as *mut i16;
-                let s = self.s.as_mut_ptr().add(j * MAX_BLOCKS) as *mut f32;
+                let q = self.q.as_mut_ptr().add(j * self.k) as *mut i8;
+                let s = self.s.as_mut_ptr().add(j * nb) as *mut f32;
+                let c = self.c.as_mut_ptr().add(j * nb * LANES) as *mut i32;
                 for b in 0..nb {
                     let v0 = _mm512_loadu_ps(xr.add(b * Q8_BLOCK));
                     let v1 = _mm512_loadu_ps(xr.add(b * Q8_BLOCK + 16));
@@ -87,11 +104,18 @@ mod x86 {
                         (LEVELS / m, m / LEVELS)
                     };
                     let inv = _mm512_set1_ps(inv);
-                    // Round to nearest even (the default MXCSR mode); |v * inv| <= 32767.
-                    let i0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv));
-                    let i1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-                    _mm256_storeu_si256(q.add(b * Q8_BLOCK) as *mut __m256i, _mm512_cvtsepi32_epi16(i0));
-                    _mm256_storeu_si256(q.add(b * Q8_BLOCK + 16) as *mut __m256i, _mm512_cvtsepi32_epi16(i1));
+                    // Round to nearest even (the default MXCSR mode); |v * inv| <= 127
+                    // (saturated should rounding of `inv` overshoot).
+                    let i0 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)));
+                    let i1 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, inv)));
+                    let v = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(i0), i1);
+                    _mm256_storeu_si256(q.add(b * Q8_BLOCK) as *mut __m256i, v);
+                    // 128 * the lanes' sums (|.| <= 4 * 127 * 128), negated.
+                    let sum = _mm256_dpbusd_epi32(_mm256_setzero_si256(), top, v);
+                    _mm256_storeu_si256(
+                        c.add(b * LANES) as *mut __m256i,
+                        _mm256_sub_epi32(_mm256_setzero_si256(), sum),
+                    );
                     *s.add(b) = scale;
                 }
             }
@@ -102,11 +126,14 @@ mod x86 {
             self.k
         }
 
-        /// Row `j`'s values and block scales (valid after [`Self::quantize`] set it).
-        fn row(&self, j: usize) -> (*const i16, *const f32) {
+        /// Row `j`'s values, block scales and lane corrections (valid after
+        /// [`Self::quantize`] set it).
+        fn row(&self, j: usize) -> (*const i8, *const f32, *const i32) {
+            let nb = self.k / Q8_BLOCK;
             (
-                self.q.as_ptr().wrapping_add(j * MAX_K) as *const i16,
-                self.s.as_ptr().wrapping_add(j * MAX_BLOCKS) as *const f32,
+                self.q.as_ptr().wrapping_add(j * self.k) as *const i8,
+                self.s.as_ptr().wrapping_add(j * nb) as *const f32,
+                self.c.as_ptr().wrapping_add(j * nb * LANES) as *const i32,
             )
         }
     }
@@ -114,16 +141,18 @@ mod x86 {
     /// `out[r][t] = w row (o + r) . x row t` for `R` weight rows of `k`
     /// (a multiple of 32) from `o` and the first `T` quantized rows of `x`.
     ///
-    /// Each (row, token) pair keeps two 16-lane f32 accumulators, for the
+    /// Each (row, token) pair keeps two 8-lane f32 accumulators, for the
     /// even and the odd blocks; block `b` adds lane `j` of
-    /// `q[2j] x[2j] + q[2j+1] x[2j+1]` (exact in int32, then exact in f32:
-    /// below 2^24) times `d_w[b] * d_x[b]` by one FMA. The two are added and
-    /// reduced in `_mm512_reduce_add_ps`'s tree ([`reduce_pairs`]), as the float tiles.
+    /// `sum_{i<4} q[4j+i] x[4j+i]` (exact in int32, then exact in f32:
+    /// below 2^24) times `d_w[b] * d_x[b]` by one FMA. The two side by side
+    /// in one register are reduced in `_mm512_reduce_add_ps`'s tree
+    /// ([`reduce_pairs`]), as the float tiles: the chains' lanes added,
+    /// then the eight sums in halves.
     ///
     /// # Safety
-    /// AVX-512 F/BW/VL are available; rows `o..o + R` of `w` are in bounds;
-    /// rows `0..T` of `x` are quantized.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    /// AVX-512 F/BW/VL and VNNI are available; rows `o..o + R` of `w` are
+    /// in bounds; rows `0..T` of `x` are quantized.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
     pub unsafe fn tile<const R: usize, const T: usize>(
         w: Q8Rows,
         k: usize,
@@ -131,12 +160,17 @@ mod x86 {
         x: &QuantRows,
     ) -> [[f32; T]; R] {
         let nb = k / Q8_BLOCK;
-        let wr: [(*const i8, *const f16); R] = core::array::from_fn(|r| {
+        let mut wr = [(core::ptr::null::<i8>(), core::ptr::null::<f16>()); R];
+        for (r, wr) in wr.iter_mut().enumerate() {
             let row = w.row(o + r, k);
-            (row.q, row.d)
-        });
-        let xr: [(*const i16, *const f32); T] = core::array::from_fn(|t| x.row(t));
-        let mut acc = [[[_mm512_setzero_ps(); 2]; T]; R];
+            *wr = (row.q, row.d);
+        }
+        let mut xr = [(core::ptr::null::<i8>(), core::ptr::null::<f32>(), core::ptr::null::<i32>()); T];
+        for (t, xr) in xr.iter_mut().enumerate() {
+            *xr = x.row(t);
+        }
+        let top = _mm256_set1_epi8(-128);
+        let mut acc = [[[_mm256_setzero_ps(); 2]; T]; R];
         // d_w * d_x of 16 blocks for every pair, made 16 at a time.
         let mut scale = [[[0.0f32; 16]; T]; R];
         let mut g = 0;
@@ -153,20 +187,24 @@ mod x86 {
                     _mm512_storeu_ps(scale[r][t].as_mut_ptr(), _mm512_mul_ps(dw[r], dx));
                 }
             }
+            // Read back from memory, as broadcasts folded into the FMAs:
+            // kept in registers, LLVM extracts each lane with shuffles.
+            let scale = core::hint::black_box(&scale);
             // Block `g + j` goes to chain `c` = `j % 2` (`g` is even).
             macro_rules! block {
                 ($j:expr, $c:expr) => {{
                     let (j, c) = ($j, $c);
                     let i = (g + j) * Q8_BLOCK;
-                    let mut wv = [_mm512_setzero_si512(); R];
+                    let mut wv = [_mm256_setzero_si256(); R];
                     for r in 0..R {
-                        wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(wr[r].0.add(i) as *const __m256i));
+                        wv[r] = _mm256_xor_si256(_mm256_loadu_si256(wr[r].0.add(i) as *const __m256i), top);
                     }
                     for t in 0..T {
-                        let xv = _mm512_loadu_si512(xr[t].0.add(i) as *const __m512i);
+                        let xv = _mm256_loadu_si256(xr[t].0.add(i) as *const __m256i);
+                        let cv = _mm256_loadu_si256(xr[t].2.add((g + j) * LANES) as *const __m256i);
                         for r in 0..R {
-                            let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(wv[r], xv));
-                            acc[r][t][c] = _mm512_fmadd_ps(p, _mm512_set1_ps(scale[r][t][j]), acc[r][t][c]);
+                            let p = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(cv, wv[r], xv));
+                            acc[r][t][c] = _mm256_fmadd_ps(p, _mm256_set1_ps(scale[r][t][j]), acc[r][t][c]);
                         }
                     }
                 }};
@@ -182,6 +220,17 @@ mod x86 {
             }
             g += 16;
         }
-        reduce_pairs(&acc)
+        let mut both = [[[_mm512_setzero_ps(); 2]; T]; R];
+        for r in 0..R {
+            for t in 0..T {
+                let [even, odd] = acc[r][t];
+                // (`insertf64x4`: `insertf32x8` would need AVX-512 DQ.)
+                both[r][t][0] = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                    _mm512_castpd256_pd512(_mm256_castps_pd(even)),
+                    _mm256_castps_pd(odd),
+                ));
+            }
+        }
+        reduce_pairs(&both)
     }
 }

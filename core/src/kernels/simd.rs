@@ -38,16 +38,41 @@ pub unsafe fn enable_avx512() {
     AVX512.store(cfg!(target_arch = "x86_64"), Ordering::Relaxed);
 }
 
-/// Switch the AVX-512 tiles off again (the AVX2 kernels stay as they were),
-/// so tests and benchmarks can compare both in one process.
+/// Switch the AVX-512 tiles (and VNNI) off again (the AVX2 kernels stay as
+/// they were), so tests and benchmarks can compare both in one process.
 pub fn disable_avx512() {
     AVX512.store(false, Ordering::Relaxed);
+    VNNI.store(false, Ordering::Relaxed);
 }
 
 /// Whether the AVX-512 tiles are in use.
 #[inline(always)]
 pub fn avx512_enabled() -> bool {
     AVX512.load(Ordering::Relaxed)
+}
+
+static VNNI: AtomicBool = AtomicBool::new(false);
+
+/// Run Q8_0 products in int8 with AVX-512 VNNI ([`super::q8_avx512`]) from
+/// now on; without it, the AVX-512 tiles dequantize Q8_0 weights to f32.
+/// Switches the AVX-512 tiles on too.
+///
+/// # Safety
+/// As [`enable_avx512`], and the CPU must support AVX-512 VNNI.
+pub unsafe fn enable_vnni() {
+    enable_avx512();
+    VNNI.store(cfg!(target_arch = "x86_64"), Ordering::Relaxed);
+}
+
+/// Switch VNNI off again, leaving the AVX-512 tiles as they were.
+pub fn disable_vnni() {
+    VNNI.store(false, Ordering::Relaxed);
+}
+
+/// Whether Q8_0 products run in int8 with AVX-512 VNNI.
+#[inline(always)]
+pub fn vnni_enabled() -> bool {
+    VNNI.load(Ordering::Relaxed)
 }
 
 /// Ask for the cache line holding `p` ahead of its use: a hint that never

@@ -5,7 +5,8 @@
 
 /// Run `check(mode)` with the kernels every mode this CPU has would pick:
 /// the default (portable, or NEON on aarch64), then on x86-64 AVX2 and
-/// AVX-512 when detected, printing why a mode is skipped. Leaves AVX-512 off.
+/// AVX-512 (with VNNI where the CPU has it, as the runtime picks) when
+/// detected, printing why a mode is skipped. Leaves AVX-512 and VNNI off.
 pub fn in_every_mode(mut check: impl FnMut(&str)) {
     check(if cfg!(target_arch = "aarch64") { "neon" } else { "portable" });
     #[cfg(target_arch = "x86_64")]
@@ -25,10 +26,15 @@ pub fn in_every_mode(mut check: impl FnMut(&str)) {
             eprintln!("skipped the AVX-512 mode: this CPU lacks AVX-512 F/BW/VL");
             return;
         }
-        // SAFETY: has_avx512 checked the features just above.
+        // SAFETY: has_avx512 (and has_vnni) checked the features just above.
         #[allow(unsafe_code)]
         unsafe {
-            simd::enable_avx512()
+            if has_vnni() {
+                simd::enable_vnni()
+            } else {
+                eprintln!("AVX-512 mode without VNNI: this CPU lacks it (Q8_0 products dequantize)");
+                simd::enable_avx512()
+            }
         };
         check("avx512");
         simd::disable_avx512();
@@ -50,6 +56,12 @@ pub fn has_avx512() -> bool {
         && std::is_x86_feature_detected!("avx512bw")
         && std::is_x86_feature_detected!("avx512vl")
         && has_avx2()
+}
+
+/// Whether the CPU also has AVX-512 VNNI (`simd::enable_vnni`).
+#[cfg(target_arch = "x86_64")]
+pub fn has_vnni() -> bool {
+    has_avx512() && std::is_x86_feature_detected!("avx512vnni")
 }
 
 /// Deterministic pseudo-random values in `[lo, hi]` (xorshift from `seed`).

@@ -138,6 +138,19 @@ mod x86 {
         }
     }
 
+    /// `out[i] = w row (o + i) . x row 0`, one row after another (as
+    /// [`crate::kernels::avx512::x86::gemv`]).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and VNNI are available; rows `o..o + out.len()` of
+    /// `w` are in bounds; row 0 of `x` is quantized.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn gemv(w: Q8Rows, o: usize, x: &QuantRows, out: &mut [f32]) {
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = tile::<1, 1>(w, x.k, o + i, x)[0][0];
+        }
+    }
+
     /// `out[r][t] = w row (o + r) . x row t` for `R` weight rows of `k`
     /// (a multiple of 32) from `o` and the first `T` quantized rows of `x`.
     ///
@@ -153,6 +166,7 @@ mod x86 {
     /// AVX-512 F/BW/VL and VNNI are available; rows `o..o + R` of `w` are
     /// in bounds; rows `0..T` of `x` are quantized.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[inline]
     pub unsafe fn tile<const R: usize, const T: usize>(
         w: Q8Rows,
         k: usize,

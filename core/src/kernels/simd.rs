@@ -64,11 +64,6 @@ pub unsafe fn enable_vnni() {
     VNNI.store(cfg!(target_arch = "x86_64"), Ordering::Relaxed);
 }
 
-/// Switch VNNI off again, leaving the AVX-512 tiles as they were.
-pub fn disable_vnni() {
-    VNNI.store(false, Ordering::Relaxed);
-}
-
 /// Whether Q8_0 products run in int8 with AVX-512 VNNI.
 #[inline(always)]
 pub fn vnni_enabled() -> bool {

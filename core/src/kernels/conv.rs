@@ -53,10 +53,10 @@ multiversion! {
             // Fixed widths (every Mamba-1 has 4) shift the window by
             // renaming registers; other widths go through memory.
             match k {
-                4 => conv_block::<4>(block, 4, st, &mut write),
-                3 => conv_block::<3>(block, 3, st, &mut write),
-                2 => conv_block::<2>(block, 2, st, &mut write),
-                _ => conv_block::<0>(block, k, st, &mut write),
+                4 => conv_block::<4, 4>(block, 4, st, &mut write),
+                3 => conv_block::<3, 3>(block, 3, st, &mut write),
+                2 => conv_block::<2, 2>(block, 2, st, &mut write),
+                _ => conv_block::<0, MAX_D_CONV>(block, k, st, &mut write),
             }
             c0 += n;
         }
@@ -105,10 +105,11 @@ pub fn conv1d_step(
 type Block<'x, 'w> = (&'x [f32], usize, usize, WData<'w>, Option<WData<'w>>, usize);
 
 /// Up to [`LANES`] channels from `d0` (`state`: their `[n, k]`), `K == k`
-/// or 0 for a run-time width. Per channel and token: the bias, then each
+/// or 0 for a run-time width (`M`: the taps the buffers hold, `K` or
+/// [`MAX_D_CONV`]). Per channel and token: the bias, then each
 /// tap times its input oldest first (a multiply, then an add), then SiLU.
 #[inline(always)]
-fn conv_block<const K: usize>(
+fn conv_block<const K: usize, const M: usize>(
     (xz, xz_stride, len, w, bias, d0): Block<'_, '_>,
     k: usize,
     state: &mut [f32],
@@ -118,7 +119,10 @@ fn conv_block<const K: usize>(
     let n = state.len() / k;
     // The block's rows of w widened in one pass (the dtype matched once,
     // not per element: the decode step is mostly this set-up).
-    let mut flat = [0.0f32; LANES * MAX_D_CONV];
+    // Buffers of `M` (the width, or MAX_D_CONV when it is not fixed) taps:
+    // zeroing them at MAX_D_CONV's size had cost a third of a decode step's conv.
+    let mut flat = [[0.0f32; M]; LANES];
+    let flat = flat.as_flattened_mut();
     w.widen_into(d0 * k, &mut flat[..n * k]);
     let mut b = [0.0f32; LANES];
     if let Some(bias) = bias {
@@ -142,8 +146,8 @@ fn conv_block<const K: usize>(
     }
     // taps[c][j] = w[d0 + j, c]; win[c][j] = the input k - 1 - c tokens
     // before the newest of channel d0 + j (starting as the state).
-    let mut taps = [[0.0f32; LANES]; MAX_D_CONV];
-    let mut win = [[0.0f32; LANES]; MAX_D_CONV];
+    let mut taps = [[0.0f32; LANES]; M];
+    let mut win = [[0.0f32; LANES]; M];
     for j in 0..n {
         for c in 0..k {
             taps[c][j] = flat[j * k + c];

@@ -82,7 +82,13 @@ mod x86 {
 
     #[inline(always)]
     unsafe fn load4(p: &[f32; N * K]) -> [__m512; K] {
-        core::array::from_fn(|i| _mm512_loadu_ps(p.as_ptr().add(i * N)))
+        // A loop, not `array::from_fn`: a closure does not inherit the
+        // caller's target features (see `avx512::x86::lane_sums16`).
+        let mut v = [_mm512_setzero_ps(); K];
+        for (i, v) in v.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(p.as_ptr().add(i * N));
+        }
+        v
     }
 
     /// # Safety

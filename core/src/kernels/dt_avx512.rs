@@ -124,18 +124,23 @@ mod x86 {
             });
             let mut b = [0.0f32; BLOCK];
             bias.data.widen_into(c0 + lo, &mut b[lo..hi]);
-            let b: [__m512; 4] = core::array::from_fn(|j| _mm512_loadu_ps(b.as_ptr().add(16 * j)));
+            // Loops, not `array::from_fn`, for the intrinsics: a closure does
+            // not inherit the target features (see `avx512::x86::lane_sums16`).
+            let mut bv = [_mm512_setzero_ps(); 4];
+            for (j, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(b.as_ptr().add(16 * j));
+            }
             // Lane 0 of the block's output, before `out` where lo > 0 (only
             // lanes lo.. are stored).
             let o = a.out.wrapping_add(c0).wrapping_sub(a.f0);
             let wb = w.add(c0 * a.r);
             let mut t = 0;
             while t + 4 <= a.rows {
-                tile::<W, 4>(wb, &a, t, &m, &b, o.wrapping_add(t * width), width);
+                tile::<W, 4>(wb, &a, t, &m, &bv, o.wrapping_add(t * width), width);
                 t += 4;
             }
             while t < a.rows {
-                tile::<W, 1>(wb, &a, t, &m, &b, o.wrapping_add(t * width), width);
+                tile::<W, 1>(wb, &a, t, &m, &bv, o.wrapping_add(t * width), width);
                 t += 1;
             }
             c0 += BLOCK;
@@ -157,7 +162,10 @@ mod x86 {
         let mut acc = [[_mm512_setzero_ps(); 4]; T];
         for k in 0..a.r {
             let wk = w.add(k * BLOCK);
-            let wv: [__m512; 4] = core::array::from_fn(|j| W::load16_masked(wk.add(16 * j), m[j]));
+            let mut wv = [_mm512_setzero_ps(); 4];
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = W::load16_masked(wk.add(16 * j), m[j]);
+            }
             for t in 0..T {
                 let xv = _mm512_set1_ps(*x[t].add(k));
                 for j in 0..4 {

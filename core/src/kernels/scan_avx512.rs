@@ -190,7 +190,12 @@ mod x86 {
         write: &mut impl FnMut(usize, &[f32; N]),
     ) {
         let m = ((1u32 << nch) - 1) as __mmask16;
-        let mut hv: [__m512; N] = core::array::from_fn(|n| _mm512_loadu_ps(h[n].as_ptr()));
+        // A loop, not `array::from_fn`: a closure does not inherit the
+        // target features (see `avx512::x86::lane_sums16`).
+        let mut hv = [_mm512_setzero_ps(); N];
+        for (v, hn) in hv.iter_mut().zip(h.iter()) {
+            *v = _mm512_loadu_ps(hn.as_ptr());
+        }
         let ddv = _mm512_loadu_ps(dd.as_ptr());
         for t in 0..len {
             let tk = token(t);

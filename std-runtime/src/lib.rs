@@ -8,6 +8,7 @@
 //! - [`tokenizer`], [`sampling`]: text in and out.
 #![deny(unsafe_code)]
 
+pub mod aligned;
 pub mod bench;
 pub mod config;
 pub mod cpu;
@@ -21,10 +22,10 @@ pub mod model;
 pub mod parallel;
 pub mod profile;
 pub mod quantize;
-// The thread pool hands borrowed task functions to its workers.
 pub mod sampling;
 pub mod server;
 pub mod session;
+// The thread pool hands borrowed task functions to its workers.
 #[allow(unsafe_code)]
 pub mod spin_pool;
 pub mod synthetic;

@@ -14,6 +14,7 @@ pub use mamba_core::LogitsMode;
 
 use std::sync::Arc;
 
+use crate::aligned::LineBuf;
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, ModelView};
 use crate::profile::{Profile, Timed};
@@ -29,9 +30,9 @@ pub struct Session<'m> {
     model: &'m LoadedModel,
     view: ModelView<'m>,
     par: &'m dyn Parallel,
-    states: Vec<f32>,
+    states: LineBuf,
     layout: StateLayout,
-    scratch: Vec<f32>,
+    scratch: LineBuf,
     /// Tokens per prefill chunk (all sequences of the chunk together).
     pub chunk_tokens: usize,
     /// Where each op's time goes, when set ([`Session::set_profile`]).
@@ -50,9 +51,9 @@ impl<'m> Session<'m> {
             model,
             view: model.view()?,
             par,
-            states: vec![0.0; len],
+            states: LineBuf::zeroed(len),
             layout,
-            scratch: vec![],
+            scratch: LineBuf::default(),
             chunk_tokens: DEFAULT_CHUNK_TOKENS,
             profile: None,
         })
@@ -248,10 +249,8 @@ impl<'m> Session<'m> {
 }
 
 /// The session's scratch, grown (never shrunk) to fit `plan`, cut into its buffers.
-fn scratch_for<'s>(buf: &'s mut Vec<f32>, plan: &ScratchPlan) -> Result<Scratch<'s, [f32]>> {
-    if buf.len() < plan.total() {
-        buf.resize(plan.total(), 0.0);
-    }
+fn scratch_for<'s>(buf: &'s mut LineBuf, plan: &ScratchPlan) -> Result<Scratch<'s, [f32]>> {
+    buf.grow(plan.total());
     Ok(plan.split(buf)?)
 }
 

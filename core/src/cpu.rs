@@ -391,7 +391,8 @@ impl<'a> MambaOps for CpuBackend<'a> {
             let n_s = cfg.d_state;
             if self.par.threads() > 1 && r.len() * di * n_s >= PARALLEL_SCAN_MIN {
                 // Channels are independent: split them over threads; each
-                // task owns its channels' states and writes only their y columns.
+                // task owns its channels' states and writes only their
+                // (gated) y columns.
                 let out = Disjoint::new(y);
                 let chunk = di.div_ceil(self.par.threads() * 4).max(1) * n_s;
                 self.par.for_each_chunk(state, chunk, &|start, st| {
@@ -405,7 +406,6 @@ impl<'a> MambaOps for CpuBackend<'a> {
                         |t, d, v| kernels::copy_run(out.part(t * di + d..t * di + d + v.len()), v),
                     )
                 });
-                kernels::gate_silu(y, seq.xz, di);
             } else {
                 kernels::selective_scan_seq(seq, r.len(), lw.a.data, lw.d.data, state, y);
             }

@@ -49,9 +49,7 @@ pub use dot::{dot, dot4, dot_portable};
 pub use embed::embed_rows;
 pub use linear::{dt_proj_softplus, linear, linear_strided};
 pub use norm::rms_norm;
-pub use scan::{
-    a_from_a_log, gate_silu, selective_scan_channels, selective_scan_seq, selective_scan_step, ScanRows,
-};
+pub use scan::{a_from_a_log, selective_scan_channels, selective_scan_seq, selective_scan_step, ScanRows};
 
 #[cfg(test)]
 mod tests {

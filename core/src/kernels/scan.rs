@@ -53,27 +53,15 @@ pub fn selective_scan_seq(
     selective_scan_channels(rows, len, a, d_skip, 0, state, |t, d, v| {
         super::copy_run(&mut y[t * di + d..], v)
     });
-    gate_silu(&mut y[..len * di], rows.xz, di);
-}
-
-multiversion! {
-    /// `y[t, d] *= silu(z[t, d])` with `z` the second half of each `xz` row
-    /// (`y`: `[rows, d_inner]`, `xz`: `[rows, 2*d_inner]`): the gate as its own
-    /// pass over whole rows, which vectorises.
-    pub fn gate_silu(y: &mut [f32], xz: &[f32], d_inner: usize) {
-        for (yr, xzr) in y.chunks_exact_mut(d_inner).zip(xz.chunks_exact(2 * d_inner)) {
-            for (v, &z) in yr.iter_mut().zip(&xzr[d_inner..]) {
-                *v *= silu(z);
-            }
-        }
-    }
 }
 
 multiversion! {
     /// The scan of channels `d0 .. d0 + state.len() / d_state` only (their
     /// states are a contiguous part of the layer's state), handing the
-    /// outputs `y[t, d..d + v.len()]`, before the gate ([`gate_silu`]), to
-    /// `write(t, d, v)`: threads can take disjoint channel ranges.
+    /// gated outputs `y[t, d..d + v.len()]` to `write(t, d, v)`: threads
+    /// can take disjoint channel ranges. The gate is applied per token as
+    /// the outputs are made, on the scan's threads (as a pass of its own
+    /// after them it ran on one thread: ~2% of a prefill).
     pub fn selective_scan_channels(
         rows: ScanRows<'_>,
         len: usize,
@@ -84,7 +72,7 @@ multiversion! {
         write: impl FnMut(usize, usize, &[f32]),
     ) {
         let mut write = write;
-        let ScanRows { x, dt, dbc, d_inner, d_state: n_s, dt_rank, .. } = rows;
+        let ScanRows { x, dt, dbc, xz, d_inner, d_state: n_s, dt_rank } = rows;
         if n_s <= LANES {
             let channels = state.len() / n_s.max(1);
             let mut k = 0;
@@ -112,7 +100,7 @@ multiversion! {
                 let b = &dbc[t * xp + dt_rank..t * xp + dt_rank + n_s];
                 let c = &dbc[t * xp + dt_rank + n_s..t * xp + xp];
                 let acc = update(h, a_row, dtv, dtv * xv, b, c);
-                write(t, d, &[acc + dd * xv]);
+                write(t, d, &[(acc + dd * xv) * silu(xz[t * 2 * d_inner + d_inner + d])]);
             }
         }
     }
@@ -139,7 +127,7 @@ fn scan_block<const FULL: usize>(
     state: &mut [f32],
     write: &mut impl FnMut(usize, usize, &[f32]),
 ) {
-    let ScanRows { x, dt, dbc, d_inner, d_state, dt_rank, .. } = rows;
+    let ScanRows { x, dt, dbc, xz, d_inner, d_state, dt_rank } = rows;
     let n_s = if FULL == LANES { LANES } else { d_state };
     let nch = if FULL == LANES { LANES } else { state.len() / n_s };
     let xp = dt_rank + 2 * d_state;
@@ -158,9 +146,13 @@ fn scan_block<const FULL: usize>(
     // it is on (its arithmetic is fused, so it must take all of them).
     let done = n_s == LANES && {
         let token = |t: usize| {
-            let (o, bc) = (t * d_inner + d0, t * xp + dt_rank);
-            let (o_next, bc_next) = (o + AHEAD * d_inner, bc + AHEAD * xp);
-            for p in [x.as_ptr().wrapping_add(o_next), dt.as_ptr().wrapping_add(o_next)] {
+            let (o, bc, oz) = (t * d_inner + d0, t * xp + dt_rank, t * 2 * d_inner + d_inner + d0);
+            let (o_next, bc_next, oz_next) = (o + AHEAD * d_inner, bc + AHEAD * xp, oz + AHEAD * 2 * d_inner);
+            for p in [
+                x.as_ptr().wrapping_add(o_next),
+                dt.as_ptr().wrapping_add(o_next),
+                xz.as_ptr().wrapping_add(oz_next),
+            ] {
                 super::simd::prefetch(p);
             }
             super::simd::prefetch(dbc.as_ptr().wrapping_add(bc_next));
@@ -168,6 +160,7 @@ fn scan_block<const FULL: usize>(
             scan_avx512::Token {
                 x: &x[o..o + nch],
                 dt: &dt[o..o + nch],
+                z: &xz[oz..oz + nch],
                 b: fixed(dbc, bc),
                 c: fixed(dbc, bc + LANES),
             }
@@ -208,9 +201,10 @@ fn scan_block<const FULL: usize>(
                 }
             }
         }
+        let oz = t * 2 * d_inner + d_inner + d0;
         let mut y = [0.0f32; LANES];
-        for j in 0..LANES {
-            y[j] = p[0][j] + dd[j] * xv[j];
+        for (j, &z) in xz[oz..oz + nch].iter().enumerate() {
+            y[j] = (p[0][j] + dd[j] * xv[j]) * silu(z);
         }
         write(t, d0, &y[..nch]);
     }

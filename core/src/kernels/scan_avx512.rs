@@ -21,20 +21,22 @@
 /// Channels per block, and states per channel.
 pub const N: usize = 16;
 
-/// One token's inputs for the block: `x`, `dt` of its channels (at least
-/// the block's `nch`), `B` and `C` (16 each).
+/// One token's inputs for the block: `x`, `dt` and the gate `z` of its
+/// channels (at least the block's `nch`), `B` and `C` (16 each).
 pub struct Token<'a> {
     pub x: &'a [f32],
     pub dt: &'a [f32],
+    pub z: &'a [f32],
     pub b: &'a [f32; N],
     pub c: &'a [f32; N],
 }
 
 /// Run `len` tokens through a block of `nch <= 16` channels: `h[n][j]`
 /// state `n` of channel `j`, `at[n][j]` its A, `dd[j]` its D; `token(t)`
-/// gives token `t`'s inputs and `write(t, y)` takes its outputs (before the
-/// gate; lanes past `nch` are to be ignored). Returns `false`, doing
-/// nothing, when the AVX-512 kernels are off.
+/// gives token `t`'s inputs and `write(t, y)` takes its outputs, gated:
+/// `y * silu(z)` with `silu`'s operations, so its bits (lanes past `nch`
+/// are to be ignored). Returns `false`, doing nothing, when the AVX-512
+/// kernels are off.
 #[allow(clippy::too_many_arguments)]
 pub fn block16<'a>(
     len: usize,
@@ -51,7 +53,10 @@ pub fn block16<'a>(
         // The kernel loads `nch` lanes of x and dt through their pointers.
         let token = |t| {
             let tk = token(t);
-            assert!(tk.x.len() >= nch && tk.dt.len() >= nch, "block16: short token rows");
+            assert!(
+                tk.x.len() >= nch && tk.dt.len() >= nch && tk.z.len() >= nch,
+                "block16: short token rows"
+            );
             tk
         };
         // SAFETY: enable_avx512's contract gives the CPU features; rows checked above.
@@ -177,8 +182,17 @@ mod x86 {
         }
     }
 
+    /// `silu(z)`: `z / (1 + e^-z)` with [`exp16`], the operations of
+    /// [`crate::kernels::act::silu`], so the same bits.
+    #[inline(always)]
+    unsafe fn silu16(z: __m512) -> __m512 {
+        // -z as a sign flip, as the scalar negation is (`0 - z` differs at 0 and NaN).
+        let neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(z), _mm512_set1_epi32(i32::MIN)));
+        _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0), exp16(neg)))
+    }
+
     /// # Safety
-    /// AVX-512 F/BW/VL are available; every token's `x` and `dt` hold `nch <= 16` values.
+    /// AVX-512 F/BW/VL are available; every token's `x`, `dt` and `z` hold `nch <= 16` values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn block16<'a>(
         len: usize,
@@ -201,6 +215,7 @@ mod x86 {
             let tk = token(t);
             let xv = _mm512_maskz_loadu_ps(m, tk.x.as_ptr());
             let dtv = _mm512_maskz_loadu_ps(m, tk.dt.as_ptr());
+            let gate = silu16(_mm512_maskz_loadu_ps(m, tk.z.as_ptr()));
             let dtx = _mm512_mul_ps(dtv, xv);
             // State n's term of y: its update, then `h C`, as step16's
             // lanes. Spelled out per state, so the 16 states stay in
@@ -225,7 +240,7 @@ mod x86 {
             let odd = add(add(pair!(1, 9), pair!(5, 13)), add(pair!(3, 11), pair!(7, 15)));
             let p0 = add(even, odd);
             let mut y = [0.0f32; N];
-            _mm512_storeu_ps(y.as_mut_ptr(), _mm512_add_ps(p0, _mm512_mul_ps(ddv, xv)));
+            _mm512_storeu_ps(y.as_mut_ptr(), _mm512_mul_ps(_mm512_add_ps(p0, _mm512_mul_ps(ddv, xv)), gate));
             write(t, &y);
         }
         for n in 0..N {

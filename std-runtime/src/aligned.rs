@@ -1,48 +1,57 @@
-//! f32 buffers that start on a cache line.
+//! Buffers that start on a cache line.
 
+use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 
 use bytemuck::{Pod, Zeroable};
 
-/// Sixteen f32 values on a 64-byte boundary.
+/// 64 bytes on a 64-byte boundary.
 #[derive(Clone, Copy, Pod, Zeroable)]
 #[repr(C, align(64))]
-struct Line([f32; 16]);
+struct Line([u8; 64]);
 
-/// A zeroed f32 buffer whose first value starts a cache line. A `Vec<f32>`
-/// of this size starts 16 bytes into one (the allocator's header), so every
-/// 16-wide vector load of a row straddled two lines; rows a multiple of 16
-/// values long now each start a line.
-#[derive(Default)]
-pub struct LineBuf {
+/// A zeroed buffer of `T` (f32 unless said) whose first value starts a
+/// cache line. A `Vec<f32>` of a few kilobytes or more starts 16 bytes into
+/// one (the allocator's header), so every 16-wide load of a row straddled
+/// two lines; rows of a multiple of 64 bytes now each start a line.
+pub struct LineBuf<T: Pod = f32> {
     lines: Vec<Line>,
     len: usize,
+    _t: PhantomData<T>,
 }
 
-impl LineBuf {
+impl<T: Pod> Default for LineBuf<T> {
+    fn default() -> Self {
+        LineBuf { lines: Vec::new(), len: 0, _t: PhantomData }
+    }
+}
+
+impl<T: Pod> LineBuf<T> {
     /// `len` zeros.
     pub fn zeroed(len: usize) -> Self {
-        LineBuf { lines: vec![Line::zeroed(); len.div_ceil(16)], len }
+        let mut b = Self::default();
+        b.grow(len);
+        b
     }
 
     /// At least `len` values: grown with zeros when shorter, never shrunk.
     pub fn grow(&mut self, len: usize) {
         if len > self.len {
-            self.lines.resize(len.div_ceil(16), Line::zeroed());
+            self.lines.resize((len * size_of::<T>()).div_ceil(64), Line::zeroed());
             self.len = len;
         }
     }
 }
 
-impl Deref for LineBuf {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
+impl<T: Pod> Deref for LineBuf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
         &bytemuck::cast_slice(&self.lines)[..self.len]
     }
 }
 
-impl DerefMut for LineBuf {
-    fn deref_mut(&mut self) -> &mut [f32] {
+impl<T: Pod> DerefMut for LineBuf<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
         &mut bytemuck::cast_slice_mut(&mut self.lines)[..self.len]
     }
 }
@@ -53,7 +62,7 @@ mod tests {
 
     #[test]
     fn starts_a_cache_line_and_keeps_its_length() {
-        let mut b = LineBuf::zeroed(5);
+        let mut b = LineBuf::<f32>::zeroed(5);
         assert_eq!((b.len(), b.as_ptr() as usize % 64), (5, 0));
         b[4] = 1.0;
         b.grow(3);
@@ -61,6 +70,8 @@ mod tests {
         b.grow(1000);
         assert_eq!((b.len(), b.as_ptr() as usize % 64), (1000, 0));
         assert_eq!((b[4], b[999]), (1.0, 0.0));
-        assert!(LineBuf::default().is_empty());
+        assert!(LineBuf::<f32>::default().is_empty());
+        let h = LineBuf::<half::bf16>::zeroed(33);
+        assert_eq!((h.len(), h.as_ptr() as usize % 64), (33, 0));
     }
 }

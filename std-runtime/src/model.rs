@@ -12,6 +12,7 @@ use mamba_core::{
     DType, LayerWeights, MambaConfig, Model, Tensor, WData,
 };
 
+use crate::aligned::LineBuf;
 use crate::config::{FileConfig, Layout};
 use crate::error::{Error, Result};
 use crate::hub::resolve_model_dir;
@@ -31,7 +32,7 @@ pub struct LoadedModel {
     a_log_bytes: usize,
     store: TensorStore,
     /// `A = -exp(A_log)` per layer, `[d_inner * d_state]`, computed once.
-    a: Vec<Vec<f32>>,
+    a: Vec<LineBuf>,
     /// dt_proj transposed per layer (see [`Transposed`]); empty where no
     /// kernel reads it.
     dt_proj_t: Vec<Transposed>,
@@ -110,16 +111,16 @@ fn view<'a>(
 /// (which the SIMD switch turns on before the model loads). A Q8_0 weight
 /// is not transposed (its blocks run along the rows).
 enum Transposed {
-    F32(Vec<f32>),
-    F16(Vec<half::f16>),
-    BF16(Vec<half::bf16>),
+    F32(LineBuf<f32>),
+    F16(LineBuf<half::f16>),
+    BF16(LineBuf<half::bf16>),
     None,
 }
 
 impl Transposed {
     fn of(t: &Tensor<'_>) -> Self {
-        fn flip<T: Copy + Default>(v: &[T], di: usize, r: usize) -> Vec<T> {
-            let mut out = vec![T::default(); dt_avx512::blocked_rows(di, r) * dt_avx512::BLOCK];
+        fn flip<T: bytemuck::Pod + Default>(v: &[T], di: usize, r: usize) -> LineBuf<T> {
+            let mut out = LineBuf::zeroed(dt_avx512::blocked_rows(di, r) * dt_avx512::BLOCK);
             dt_avx512::to_blocked(v, di, r, &mut out);
             out
         }
@@ -209,7 +210,7 @@ impl LoadedModel {
             let name = format!("backbone.layers.{i}.mixer.A_log");
             let t = view(&store, &name, &[cfg.d_inner, cfg.d_state], cfg.d_inner, cfg.d_state)?;
             t.expect_float("A_log")?;
-            let mut out = vec![0.0f32; cfg.d_inner * cfg.d_state];
+            let mut out = LineBuf::zeroed(cfg.d_inner * cfg.d_state);
             a_from_a_log(t.data, &mut out);
             a_log_bytes = t.nbytes();
             a.push(out);

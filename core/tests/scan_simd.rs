@@ -17,7 +17,12 @@ use mamba_core::WData;
 fn run(n_s: usize, di: usize, len: usize, half: bool) -> [Vec<f32>; 4] {
     let (r, xp) = (3, 3 + 2 * n_s);
     let (x, dt) = (values(len * di, 1, -2.0, 2.0), values(len * di, 2, 0.001, 0.6));
-    let (dbc, xz) = (values(len * xp, 3, -1.0, 1.0), values(len * 2 * di, 4, -3.0, 3.0));
+    let (dbc, mut xz) = (values(len * xp, 3, -1.0, 1.0), values(len * 2 * di, 4, -3.0, 3.0));
+    // The gate at its edges in the first token: zeros of both signs, past
+    // the exponential's clamps, tiny.
+    for (z, v) in xz[di..2 * di].iter_mut().zip([0.0, -0.0, 100.0, -100.0, -95.0, 1e-30]) {
+        *z = v;
+    }
     let (a, d, h0) =
         (values(di * n_s, 5, -6.0, -0.1), values(di, 6, 0.5, 1.5), values(di * n_s, 7, -1.0, 1.0));
     let rows = ScanRows { x: &x, dt: &dt, dbc: &dbc, xz: &xz, d_inner: di, d_state: n_s, dt_rank: r };

@@ -50,7 +50,7 @@ pub fn block16<'a>(
     #[cfg(target_arch = "x86_64")]
     if super::simd::avx512_enabled() {
         assert!(nch <= N, "block16: more than 16 channels");
-        // The kernel loads `nch` lanes of x and dt through their pointers.
+        // The kernel loads `nch` lanes of x, dt and z through their pointers.
         let token = |t| {
             let tk = token(t);
             assert!(
@@ -186,7 +186,7 @@ mod x86 {
     /// [`crate::kernels::act::silu`], so the same bits.
     #[inline(always)]
     unsafe fn silu16(z: __m512) -> __m512 {
-        // -z as a sign flip, as the scalar negation is (`0 - z` differs at 0 and NaN).
+        // -z as a sign flip, exactly the scalar negation (`0 - z` is not, for 0 and NaN).
         let neg = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(z), _mm512_set1_epi32(i32::MIN)));
         _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0), exp16(neg)))
     }

@@ -16,7 +16,7 @@
 //! f16 scale of bound / 127 per block) and the rest is f32. Values are a pure
 //! function of the seed (not of the thread count): the big matrices are
 //! filled in parallel, each chunk from its own generator seeded by the
-//! tensor's and the chunk's index, straight into the aligned words the
+//! tensor's and the chunk's index, straight into the cache-line aligned words the
 //! [`TensorStore`] keeps (no copy).
 
 use std::path::PathBuf;
@@ -25,6 +25,7 @@ use half::{bf16, f16};
 use mamba_core::{DType, Q8_BLOCK};
 use rayon::prelude::*;
 
+use crate::aligned::LineBuf;
 use crate::config::{FileConfig, Layout};
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, Q8_SCALE_SUFFIX};
@@ -224,9 +225,9 @@ fn fill_uniform(words: &mut [u64], dtype: DType, n: usize, bound: f32, seed: u64
     });
 }
 
-fn make(spec: &Spec, dtype: DType, seed: u64) -> Vec<u64> {
+fn make(spec: &Spec, dtype: DType, seed: u64) -> LineBuf<u64> {
     let n: usize = spec.shape.iter().product();
-    let mut words = vec![0u64; (n * dtype.size()).div_ceil(8)];
+    let mut words = LineBuf::zeroed((n * dtype.size()).div_ceil(8));
     match spec.init {
         Init::Uniform(bound) => fill_uniform(&mut words, dtype, n, bound, seed),
         Init::Const(v) => fill_with(&mut words, dtype, n, |_| v),
@@ -281,7 +282,7 @@ fn specs(shape: &Shape) -> Vec<Spec> {
 /// Its `dir` is `synthetic:<name>` (used in messages only).
 pub fn synthetic_model(shape: &Shape, dtype: DType, seed: u64) -> Result<LoadedModel> {
     let origin = PathBuf::from(format!("synthetic:{}", shape.name));
-    let tensors: Vec<(String, DType, Vec<usize>, Vec<u64>)> = specs(shape)
+    let tensors: Vec<(String, DType, Vec<usize>, LineBuf<u64>)> = specs(shape)
         .into_par_iter()
         .enumerate()
         .flat_map_iter(|(i, s)| {

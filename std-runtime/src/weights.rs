@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use mamba_core::DType;
 use memmap2::Mmap;
 
+use crate::aligned::LineBuf;
 use crate::config::read_json_object;
 use crate::error::{Error, Result};
 use crate::torch_bin::{read_torch_bin, TorchDType};
@@ -20,8 +21,10 @@ use crate::torch_bin::{read_torch_bin, TorchDType};
 /// Where a tensor's bytes live.
 enum Backing {
     Mmap(Mmap),
-    /// 8-byte aligned owned bytes (`len` of them are used).
-    Owned(Vec<u64>, usize),
+    /// Owned bytes on a cache line (`len` of them are used), as
+    /// [`crate::quantize`] writes tensors: products over weights that start
+    /// mid-line load vectors across two lines.
+    Owned(LineBuf<u64>, usize),
 }
 
 impl Backing {
@@ -33,7 +36,7 @@ impl Backing {
     }
 
     fn owned(bytes: &[u8]) -> Backing {
-        let mut v = vec![0u64; bytes.len().div_ceil(8)];
+        let mut v = LineBuf::<u64>::zeroed(bytes.len().div_ceil(8));
         bytemuck::cast_slice_mut::<u64, u8>(&mut v)[..bytes.len()].copy_from_slice(bytes);
         Backing::Owned(v, bytes.len())
     }
@@ -97,10 +100,13 @@ impl TensorStore {
     }
 
     /// A store over tensors held in memory, `(name, dtype, shape, words)`: each
-    /// tensor's little-endian bytes come in 8-byte aligned words (`ceil(bytes / 8)` of them, little-endian
+    /// tensor's little-endian bytes come in words on a cache line (`ceil(bytes / 8)` of them, little-endian
     /// bytes in memory order, the tail of the last word unused) and are kept
     /// as they are, without a copy.
-    pub fn from_words(origin: &Path, tensors: Vec<(String, DType, Vec<usize>, Vec<u64>)>) -> Result<Self> {
+    pub fn from_words(
+        origin: &Path,
+        tensors: Vec<(String, DType, Vec<usize>, LineBuf<u64>)>,
+    ) -> Result<Self> {
         let mut store = TensorStore::empty(origin);
         for (name, dtype, shape, words) in tensors {
             let len = shape.iter().product::<usize>() * dtype.size();

@@ -4,6 +4,7 @@
 //! logits.
 
 use mamba_core::{DType, Sequential, WData};
+use mamba_runtime::aligned::LineBuf;
 use mamba_runtime::config::FileConfig;
 use mamba_runtime::model::{LoadedModel, Q8_SCALE_SUFFIX};
 use mamba_runtime::parallel::RayonParallel;
@@ -43,7 +44,7 @@ fn dequantized_twin(q: &LoadedModel) -> LoadedModel {
         } else {
             (t.dtype, t.bytes.to_vec())
         };
-        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        let mut words = LineBuf::<u64>::zeroed(bytes.len().div_ceil(8));
         for (w, c) in words.iter_mut().zip(bytes.chunks(8)) {
             let mut b = [0u8; 8];
             b[..c.len()].copy_from_slice(c);

@@ -25,7 +25,26 @@ fn quantized(case: &str) -> (Truth, tempfile::TempDir, LoadedModel) {
     assert!(sum.quantized >= 2, "{case}: {sum:?}");
     assert!(sum.bytes_out < sum.bytes_in, "{case}: {sum:?}");
     let q = LoadedModel::load_dir(dir.path()).unwrap_or_else(|e| panic!("{case}: {e}"));
+    q8_on_cache_lines(case, &q);
     (t, dir, q)
+}
+
+/// Mapped in place, the Q8_0 quants and scales whose sizes are whole cache
+/// lines start on one, as `quantize` writes them (the odd-sized tensors of
+/// the tiny fixtures pack after them). Returns how many were checked.
+fn q8_on_cache_lines(case: &str, q: &LoadedModel) -> usize {
+    let view = q.view().unwrap();
+    let m = view.model();
+    let mut checked = 0;
+    for w in m.layers.iter().flat_map(|l| [&l.in_proj, &l.x_proj, &l.out_proj]).chain([m.head()]) {
+        if let WData::Q8_0 { q, d } = w.data {
+            if q.len() % 64 == 0 && (2 * d.len()) % 64 == 0 {
+                assert_eq!((q.as_ptr() as usize % 64, d.as_ptr() as usize % 64), (0, 0), "{case}");
+                checked += 1;
+            }
+        }
+    }
+    checked
 }
 
 /// The same model with every Q8_0 matrix dequantized to f32 (exact).
@@ -188,6 +207,8 @@ fn q8_demo_model_keeps_its_held_out_perplexity() {
     let dir = tempfile::tempdir().unwrap();
     quantize_model(&src, dir.path(), false).unwrap();
     let q = LoadedModel::load_dir(dir.path()).unwrap();
+    let lines = q8_on_cache_lines("demo", &q);
+    assert!(lines > src.cfg.n_layer, "{lines} Q8_0 matrices on cache lines");
     let tok = mamba_runtime::tokenizer::Tokenizer::from_dir(&src.dir).unwrap().unwrap();
     let ids = tok.encode(&std::fs::read_to_string(demo.join("heldout.txt")).unwrap()).unwrap();
     let pool = RayonParallel::new(2).unwrap();

@@ -19,7 +19,9 @@ const BASELINE: &str =
 /// Enable the best kernels this CPU supports; returns their name. Idempotent.
 pub fn init_simd() -> &'static str {
     SIMD.get_or_init(|| {
-        if std::env::var("MAMBA_SIMD").is_ok_and(|v| v == "0" || v.eq_ignore_ascii_case("off")) {
+        let asked = std::env::var("MAMBA_SIMD").map(|v| v.to_ascii_lowercase()).ok();
+        let asked_for = |choice: &str| asked.as_deref() == Some(choice);
+        if asked_for("0") || asked_for("off") {
             return if BASELINE == "neon" {
                 "neon (MAMBA_SIMD=0 has no effect)"
             } else {
@@ -27,9 +29,7 @@ pub fn init_simd() -> &'static str {
             };
         }
         #[cfg(target_arch = "x86_64")]
-        let avx2_only = std::env::var("MAMBA_SIMD").is_ok_and(|v| v.eq_ignore_ascii_case("avx2"));
-        #[cfg(target_arch = "x86_64")]
-        if !avx2_only
+        if !asked_for("avx2")
             && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
@@ -37,8 +37,7 @@ pub fn init_simd() -> &'static str {
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
         {
-            let no_vnni = std::env::var("MAMBA_SIMD").is_ok_and(|v| v.eq_ignore_ascii_case("avx512"));
-            if !no_vnni && is_x86_feature_detected!("avx512vnni") {
+            if !asked_for("avx512") && is_x86_feature_detected!("avx512vnni") {
                 // SAFETY: all seven features were detected on this CPU just above.
                 #[allow(unsafe_code)]
                 unsafe {

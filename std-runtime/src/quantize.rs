@@ -178,8 +178,9 @@ pub const TENSOR_ALIGN: usize = 64;
 /// every other vector across two lines (criterion, Q8_0: 7-15% slower);
 /// `serialize_to_file` aligns to 8 only.
 fn write_aligned(tensors: &[(String, Out)], meta: &HashMap<String, String>, path: &Path) -> Result<()> {
+    let odd = |t: &Out| !t.bytes.len().is_multiple_of(TENSOR_ALIGN);
     let mut order: Vec<&(String, Out)> = tensors.iter().collect();
-    order.sort_by_key(|(name, t)| (!t.bytes.len().is_multiple_of(TENSOR_ALIGN), name.clone()));
+    order.sort_by(|(a, s), (b, t)| (odd(s), a).cmp(&(odd(t), b)));
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!(meta));
     let mut offset = 0;

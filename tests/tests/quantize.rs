@@ -8,7 +8,7 @@ use mamba_runtime::aligned::LineBuf;
 use mamba_runtime::config::FileConfig;
 use mamba_runtime::model::{LoadedModel, Q8_SCALE_SUFFIX};
 use mamba_runtime::parallel::RayonParallel;
-use mamba_runtime::quantize::quantize_model;
+use mamba_runtime::quantize::{quantize_model, TENSOR_ALIGN};
 use mamba_runtime::session::{LogitsMode, Session};
 use mamba_runtime::weights::TensorStore;
 use mamba_tests::Truth;
@@ -38,8 +38,10 @@ fn q8_on_cache_lines(case: &str, q: &LoadedModel) -> usize {
     let mut checked = 0;
     for w in m.layers.iter().flat_map(|l| [&l.in_proj, &l.x_proj, &l.out_proj]).chain([m.head()]) {
         if let WData::Q8_0 { q, d } = w.data {
-            if q.len() % 64 == 0 && (2 * d.len()) % 64 == 0 {
-                assert_eq!((q.as_ptr() as usize % 64, d.as_ptr() as usize % 64), (0, 0), "{case}");
+            let whole = |bytes: usize| bytes.is_multiple_of(TENSOR_ALIGN);
+            if whole(size_of_val(q)) && whole(size_of_val(d)) {
+                let at = |p: usize| p % TENSOR_ALIGN;
+                assert_eq!((at(q.as_ptr() as usize), at(d.as_ptr() as usize)), (0, 0), "{case}");
                 checked += 1;
             }
         }

@@ -119,7 +119,7 @@ enum Transposed {
 
 impl Transposed {
     fn of(t: &Tensor<'_>) -> Self {
-        fn flip<T: bytemuck::Pod + Default>(v: &[T], di: usize, r: usize) -> LineBuf<T> {
+        fn flip<T: bytemuck::Pod>(v: &[T], di: usize, r: usize) -> LineBuf<T> {
             let mut out = LineBuf::zeroed(dt_avx512::blocked_rows(di, r) * dt_avx512::BLOCK);
             dt_avx512::to_blocked(v, di, r, &mut out);
             out

@@ -293,6 +293,57 @@ fn bench_reports_one_json_line_per_batch_size() {
     assert!(err_text(&["bench", "--device", "cuda", "--shape", "130m", "--profile"]).contains("--profile"));
 }
 
+#[test]
+fn bf16_dot_runs_the_dot_products_or_says_why_it_cannot() {
+    let case = "hf_bf16_untied_sharded";
+    let (t, model) = (truth(case), fixture(case));
+    let p = &t["prompts"][2];
+    let ids = ids_arg(&p["ids"]);
+    let args = ["logits", "-m", &model, "--all", "--ids", &ids, "--bf16-dot"];
+    #[cfg(target_arch = "x86_64")]
+    let can = std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512vl")
+        && std::is_x86_feature_detected!("avx512bf16");
+    #[cfg(not(target_arch = "x86_64"))]
+    let can = false;
+    if !can {
+        let e = err_text(&args);
+        assert!(e.contains("--bf16-dot") && e.contains("AVX-512"), "{e}");
+        eprintln!("--bf16-dot checked as an error only: this CPU lacks AVX-512 BF16");
+        return;
+    }
+    // Near the float64 truth, but not at the f32 products' 1e-3.
+    let line: Value = serde_json::from_str(ok_stdout(&args).trim()).unwrap();
+    let want = read_f64(case, p["logits"].as_str().unwrap());
+    let d = max_diff(&line["logits"], &want);
+    assert!(d > 1e-4 && d < 0.1, "max |diff| {d} with bf16 dot products");
+    let bench = [
+        "bench",
+        "-m",
+        &model,
+        "--prompt-len",
+        "5",
+        "--gen-len",
+        "2",
+        "--repeat",
+        "1",
+        "--json",
+        "--bf16-dot",
+    ];
+    let line: Value = serde_json::from_str(ok_stdout(&bench).trim()).unwrap();
+    assert!(line["kernels"].as_str().unwrap().ends_with("+bf16dot"), "{line}");
+    // Without the AVX-512 tiles, and on weights it does not change.
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_mamba-rs")).args(args).env("MAMBA_SIMD", "avx2").output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("--bf16-dot") && e.contains("tiles are off"), "{e}");
+    let f32_model = fixture("hf_f32_tied");
+    let out = run(&["logits", "-m", &f32_model, "--ids", "1,2", "--bf16-dot"]);
+    let note = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && note.contains("bf16 products only"), "{note}");
+}
+
 fn demo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba-demo")
 }

@@ -18,6 +18,8 @@
 #![allow(unsafe_code)]
 
 #[cfg(target_arch = "x86_64")]
+use super::bf16_avx512 as bfd;
+#[cfg(target_arch = "x86_64")]
 use super::q8_avx512 as q8;
 use crate::tensor::{Tensor, WData};
 
@@ -80,9 +82,10 @@ pub fn dot(w: WData<'_>, x: &[f32]) -> Option<f32> {
 }
 
 /// `$body` with `$p` the [`Product`] that runs rows of `$k` weights of
-/// `$w` (a `WData`): floats widened in registers; Q8_0 in integers with
-/// VNNI, or dequantized without it or where its rows are too wide to
-/// quantize on the stack.
+/// `$w` (a `WData`): floats widened in registers; bf16 against bf16
+/// activations when asked for ([`super::simd::bf16_dot_enabled`]); Q8_0
+/// in integers with VNNI, or dequantized without it. Rows too wide for
+/// the stack take the widening tiles.
 #[cfg(target_arch = "x86_64")]
 macro_rules! with_product {
     ($w:expr, $k:expr, $p:ident => $body:expr) => {{
@@ -96,10 +99,16 @@ macro_rules! with_product {
                 let $p = &mut Floats::new(d.as_ptr(), k, 2);
                 $body
             }
-            WData::BF16(d) => {
-                let $p = &mut Floats::new(d.as_ptr(), k, 2);
-                $body
-            }
+            WData::BF16(d) => match super::simd::bf16_dot_enabled().then(|| Bf16Dots::new(d, k)).flatten() {
+                Some(mut dots) => {
+                    let $p = &mut dots;
+                    $body
+                }
+                None => {
+                    let $p = &mut Floats::new(d.as_ptr(), k, 2);
+                    $body
+                }
+            },
             WData::Q8_0 { q, d } => match super::simd::vnni_enabled().then(|| Q8Ints::new(q, d, k)).flatten()
             {
                 Some(mut ints) => {
@@ -240,6 +249,49 @@ impl Product for Q8Ints {
         macro_rules! call {
             ($r:literal, $t:literal) => {
                 q8::tile::<$r, $t>(self.w, self.x.k(), o, &self.x)
+            };
+        }
+        by_shape!(nr, nt, call)
+    }
+}
+
+/// bf16 rows against activations rounded to bf16 ([`super::bf16_avx512`]).
+#[cfg(target_arch = "x86_64")]
+struct Bf16Dots {
+    w: *const half::bf16,
+    /// Sized for the rows' length, `k`.
+    x: bfd::Bf16Rows,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Bf16Dots {
+    /// `None` where rows of `k` are too wide to round on the stack.
+    fn new(w: &[half::bf16], k: usize) -> Option<Self> {
+        Some(Bf16Dots { w: w.as_ptr(), x: bfd::Bf16Rows::new(k)? })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Product for Bf16Dots {
+    fn k(&self) -> usize {
+        self.x.k()
+    }
+    fn esize(&self) -> usize {
+        2
+    }
+    fn bytes(&self) -> *const u8 {
+        self.w as *const u8
+    }
+    unsafe fn tokens(&mut self, x: &[f32], stride: usize, t0: usize, nt: usize) {
+        self.x.round(x, stride, t0, nt);
+    }
+    unsafe fn gemv(&self, o: usize, out: &mut [f32]) {
+        bfd::gemv(self.w, o, &self.x, out)
+    }
+    unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R] {
+        macro_rules! call {
+            ($r:literal, $t:literal) => {
+                bfd::tile::<$r, $t>(self.w, o, &self.x)
             };
         }
         by_shape!(nr, nt, call)

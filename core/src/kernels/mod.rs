@@ -7,6 +7,8 @@ pub mod act;
 // Its x86-64 tiles and their constants are unused on other targets.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub mod avx512;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub mod bf16_avx512;
 pub mod conv;
 pub mod conv_avx512;
 pub mod dot;

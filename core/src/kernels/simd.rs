@@ -43,6 +43,7 @@ pub unsafe fn enable_avx512() {
 pub fn disable_avx512() {
     AVX512.store(false, Ordering::Relaxed);
     VNNI.store(false, Ordering::Relaxed);
+    BF16_DOT.store(false, Ordering::Relaxed);
 }
 
 /// Whether the AVX-512 tiles are in use.
@@ -68,6 +69,31 @@ pub unsafe fn enable_vnni() {
 #[inline(always)]
 pub fn vnni_enabled() -> bool {
     VNNI.load(Ordering::Relaxed)
+}
+
+static BF16_DOT: AtomicBool = AtomicBool::new(false);
+
+/// Run bf16 products with AVX-512 BF16's `vdpbf16ps` from now on, over
+/// activations rounded to bf16 ([`super::bf16_avx512`]): about twice the
+/// products a cycle, at bf16's precision instead of f32's. Switches the
+/// AVX-512 tiles on too. Other formats are not affected.
+///
+/// # Safety
+/// As [`enable_avx512`], and the CPU must support AVX-512 BF16.
+pub unsafe fn enable_bf16_dot() {
+    enable_avx512();
+    BF16_DOT.store(cfg!(target_arch = "x86_64"), Ordering::Relaxed);
+}
+
+/// Back to f32 products over widened bf16 weights (the AVX-512 tiles stay on).
+pub fn disable_bf16_dot() {
+    BF16_DOT.store(false, Ordering::Relaxed);
+}
+
+/// Whether bf16 products run with `vdpbf16ps` over bf16 activations.
+#[inline(always)]
+pub fn bf16_dot_enabled() -> bool {
+    BF16_DOT.load(Ordering::Relaxed)
 }
 
 /// Ask for the cache line holding `p` ahead of its use: a hint that never

@@ -88,9 +88,10 @@ pub fn run_cmd(a: BenchArgs) -> Result<()> {
     }
     let (model, shape_name) = match &a.shape {
         Some(s) => {
-            let shape = synthetic::shape(s)?;
+            let (shape, dtype) = (synthetic::shape(s)?, parse_dtype(&a.dtype)?);
+            a.model.numerics(dtype)?;
             eprintln!("building synthetic {} weights in {}...", shape.name, a.dtype);
-            (synthetic::synthetic_model(shape, parse_dtype(&a.dtype)?, 0)?, shape.name.to_string())
+            (synthetic::synthetic_model(shape, dtype, 0)?, shape.name.to_string())
         }
         None => {
             let m = a.model.load()?;
@@ -102,7 +103,10 @@ pub fn run_cmd(a: BenchArgs) -> Result<()> {
         return run_cuda(&a, &model, &shape_name, index, &batches);
     }
     let par = a.model.parallel()?;
-    let simd = mamba_runtime::cpu::init_simd();
+    let simd = match mamba_runtime::cpu::init_simd() {
+        k if mamba_core::kernels::simd::bf16_dot_enabled() => format!("{k}+bf16dot"),
+        k => k.to_string(),
+    };
     if !a.json {
         eprintln!("kernels: {simd}; threads: {} ({} pool)", par.threads(), par.name());
         println!("{}", BenchReport::table_header());
@@ -124,7 +128,7 @@ pub fn run_cmd(a: BenchArgs) -> Result<()> {
             v["time_to_first_token_s"] =
                 (r.prompt_tokens as f64 * batch as f64 / r.prefill_tok_s.max(1e-9)).into();
             v["peak_rss_bytes"] = peak_rss_bytes().into();
-            v["kernels"] = simd.into();
+            v["kernels"] = simd.clone().into();
             println!("{v}");
         } else {
             println!("{}", r.table_line());

@@ -71,6 +71,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         // Fail here, before listening, when the device cannot be opened.
         mamba_runtime::device::open_cuda(i).context("--device")?;
     }
+    // Before listening: a CPU that cannot run them is a quick, clear error.
+    a.model.switch_products()?;
     let (names, loader): (Vec<String>, Loader) = match &a.shape {
         Some(s) => {
             let shape = synthetic::shape(s)?;

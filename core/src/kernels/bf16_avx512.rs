@@ -1,0 +1,188 @@
+//! bf16 products with AVX-512 BF16's dot-product instruction, on request
+//! ([`super::simd::enable_bf16_dot`]).
+//!
+//! `vdpbf16ps` multiplies two pairs of bf16 values and adds both products
+//! to an f32 lane: 32 products an instruction where an f32 FMA makes 16,
+//! and the weights go in as stored, with no widening. Both operands are
+//! bf16, so the activations are rounded to bf16 (ties to even) once per
+//! token block: up to 2^-9 of each activation, as llama.cpp's BF16
+//! products and PyTorch's bf16 compute round them. That leaves the f32
+//! reference (logits within 1e-3 of float64), so the runtime only takes
+//! this path when asked; the README reports its accuracy.
+//!
+//! Each (row, token) pair keeps two 16-lane accumulators, for the even and
+//! the odd blocks of 32 along `k` (the last block masked, zeros past `k`),
+//! reduced as the float tiles reduce theirs ([`reduce_pairs`]). Every path
+//! (one row, tiles of any shape, `dot`) runs the same operations in the
+//! same order, so ragged = solo, threaded = sequential and prefill = step
+//! hold bit for bit, as for the float kernels.
+#![allow(unsafe_code)]
+
+/// Widest row (`k`) rounded on the stack; wider products take the f32
+/// tiles (every published Mamba-1 is at most 5,120).
+pub const MAX_K: usize = 8192;
+/// Token rows rounded at a time: the tiles' token block.
+pub const ROWS: usize = super::avx512::TILE_T;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::*;
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{MAX_K, ROWS};
+    use crate::kernels::avx512::x86::reduce_pairs;
+    use core::arch::x86_64::*;
+    use core::mem::MaybeUninit;
+    use half::bf16;
+
+    /// bf16 values a 512-bit register holds (16 pairs).
+    const BLOCK: usize = 32;
+
+    /// Up to [`ROWS`] activation rows of `k` rounded to bf16. Rows are `k`
+    /// apart, not `MAX_K`: rows a multiple of 4 KiB apart fall in the same
+    /// L1 sets (as [`super::super::q8_avx512`]'s rows).
+    pub struct Bf16Rows {
+        v: [MaybeUninit<u16>; ROWS * MAX_K],
+        k: usize,
+    }
+
+    /// The low `n` (< 32) lanes.
+    #[inline(always)]
+    fn low32(n: usize) -> __mmask32 {
+        (1u32 << n) - 1
+    }
+
+    impl Bf16Rows {
+        /// Room for rows of `k` values; `None` if `k` is wider than [`MAX_K`].
+        pub fn new(k: usize) -> Option<Self> {
+            (k <= MAX_K).then_some(Bf16Rows { v: [MaybeUninit::uninit(); ROWS * MAX_K], k })
+        }
+
+        /// Round rows `t0..t0 + nt` (`nt <= ROWS`) of `x`, `stride` apart
+        /// (`k` each), into rows `0..nt`: ties to even, NaN stays NaN.
+        ///
+        /// # Safety
+        /// AVX-512 F/BW/VL and BF16 are available; those rows of `x` are in bounds.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+        pub unsafe fn round(&mut self, x: &[f32], stride: usize, t0: usize, nt: usize) {
+            debug_assert!(nt <= ROWS && (nt == 0 || (t0 + nt - 1) * stride + self.k <= x.len()));
+            let k = self.k;
+            for j in 0..nt {
+                let src = x.as_ptr().add((t0 + j) * stride);
+                let dst = self.v.as_mut_ptr().add(j * k) as *mut u16;
+                let mut i = 0;
+                while i + 16 <= k {
+                    let h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src.add(i)));
+                    _mm256_storeu_si256(
+                        dst.add(i) as *mut __m256i,
+                        core::mem::transmute::<__m256bh, __m256i>(h),
+                    );
+                    i += 16;
+                }
+                if i < k {
+                    let m = ((1u32 << (k - i)) - 1) as __mmask16;
+                    let h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src.add(i)));
+                    _mm256_mask_storeu_epi16(
+                        dst.add(i) as *mut i16,
+                        m,
+                        core::mem::transmute::<__m256bh, __m256i>(h),
+                    );
+                }
+            }
+        }
+
+        /// The row length.
+        pub fn k(&self) -> usize {
+            self.k
+        }
+
+        /// Row `j` (valid after [`Self::round`] set it).
+        fn row(&self, j: usize) -> *const u16 {
+            self.v.as_ptr().wrapping_add(j * self.k) as *const u16
+        }
+    }
+
+    /// `out[i] = w row (o + i) . x row 0`, one row after another (as
+    /// [`crate::kernels::avx512::x86::gemv`]).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and BF16 are available; rows `o..o + out.len()` of
+    /// `w` (rows of `x.k()`) are in bounds; row 0 of `x` is rounded.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn gemv(w: *const bf16, o: usize, x: &Bf16Rows, out: &mut [f32]) {
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = tile::<1, 1>(w, o + i, x)[0][0];
+        }
+    }
+
+    /// `out[r][t] = w row (o + r) . x row t` for `R` weight rows of
+    /// `x.k()` from `o` and the first `T` rounded rows of `x`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and BF16 are available; rows `o..o + R` of `w` are
+    /// in bounds; rows `0..T` of `x` are rounded.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[inline]
+    pub unsafe fn tile<const R: usize, const T: usize>(
+        w: *const bf16,
+        o: usize,
+        x: &Bf16Rows,
+    ) -> [[f32; T]; R] {
+        let k = x.k;
+        let mut wr = [core::ptr::null::<u16>(); R];
+        for (r, wr) in wr.iter_mut().enumerate() {
+            *wr = w.add((o + r) * k) as *const u16;
+        }
+        let mut xr = [core::ptr::null::<u16>(); T];
+        for (t, xr) in xr.iter_mut().enumerate() {
+            *xr = x.row(t);
+        }
+        let mut acc = [[[_mm512_setzero_ps(); 2]; T]; R];
+        // The block at `i` into chain `c`: 32 values, or the lanes of mask
+        // `m` (zeros elsewhere). Macros, not closures: a closure does not
+        // inherit the target features, so its intrinsics would be calls.
+        macro_rules! load {
+            ($p:expr, full) => {
+                _mm512_loadu_si512($p as *const _)
+            };
+            ($p:expr, $m:expr) => {
+                _mm512_maskz_loadu_epi16($m, $p as *const i16)
+            };
+        }
+        macro_rules! block {
+            ($i:expr, $c:literal, $m:tt) => {{
+                let i = $i;
+                let mut wv = [_mm512_setzero_si512(); R];
+                for r in 0..R {
+                    wv[r] = load!(wr[r].add(i), $m);
+                }
+                for t in 0..T {
+                    let xv = core::mem::transmute::<__m512i, __m512bh>(load!(xr[t].add(i), $m));
+                    for r in 0..R {
+                        let wb = core::mem::transmute::<__m512i, __m512bh>(wv[r]);
+                        acc[r][t][$c] = _mm512_dpbf16_ps(acc[r][t][$c], wb, xv);
+                    }
+                }
+            }};
+        }
+        let mut i = 0;
+        while i + 2 * BLOCK <= k {
+            block!(i, 0, full);
+            block!(i + BLOCK, 1, full);
+            i += 2 * BLOCK;
+        }
+        // Under two blocks left: a full one (even chain), then a masked one.
+        if k - i >= BLOCK {
+            block!(i, 0, full);
+            i += BLOCK;
+            if i < k {
+                let m = low32(k - i);
+                block!(i, 1, m);
+            }
+        } else if i < k {
+            let m = low32(k - i);
+            block!(i, 0, m);
+        }
+        reduce_pairs(&acc)
+    }
+}

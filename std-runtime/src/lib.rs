@@ -11,6 +11,7 @@
 pub mod aligned;
 pub mod bench;
 pub mod config;
+pub mod convert;
 pub mod cpu;
 pub mod device;
 pub mod engine;

@@ -344,6 +344,26 @@ fn bf16_dot_runs_the_dot_products_or_says_why_it_cannot() {
     assert!(out.status.success() && note.contains("bf16 products only"), "{note}");
 }
 
+#[test]
+fn convert_command_writes_a_cast_copy_and_names_bad_dtypes() {
+    let model = fixture("hf_f32_tied");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bf16");
+    let args = ["convert", "-m", &model, "--out", out.to_str().unwrap(), "--dtype", "bf16", "--json"];
+    let v: Value = serde_json::from_str(ok_stdout(&args).trim()).unwrap();
+    assert_eq!(v["converted_tensors"], 22);
+    assert!(v["bytes_out"].as_u64().unwrap() * 2 == v["bytes_in"].as_u64().unwrap(), "{v}");
+    assert!(v["max_abs_logit_diff"].as_f64().unwrap() > 0.0, "{v}");
+    let line = ok_stdout(&["logits", "-m", out.to_str().unwrap(), "--ids", "1,2,3"]);
+    assert!(line.contains("logits"), "{line}");
+    let o = out.to_str().unwrap();
+    assert!(err_text(&["convert", "-m", &model, "--out", o, "--dtype", "bf16"]).contains("--force"));
+    assert!(
+        err_text(&["convert", "-m", &model, "--out", o, "--dtype", "int4"]).contains("unknown dtype `int4`")
+    );
+    assert!(err_text(&["convert", "-m", &model, "--out", o, "--dtype", "q8"]).contains("mamba-rs quantize"));
+}
+
 fn demo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mamba-demo")
 }

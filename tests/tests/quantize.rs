@@ -22,7 +22,7 @@ fn quantized(case: &str) -> (Truth, tempfile::TempDir, LoadedModel) {
     let src = LoadedModel::load(t.dir_str()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let sum = quantize_model(&src, dir.path(), false).unwrap();
-    assert!(sum.quantized >= 2, "{case}: {sum:?}");
+    assert!(sum.converted >= 2, "{case}: {sum:?}");
     assert!(sum.bytes_out < sum.bytes_in, "{case}: {sum:?}");
     let q = LoadedModel::load_dir(dir.path()).unwrap_or_else(|e| panic!("{case}: {e}"));
     q8_on_cache_lines(case, &q);

@@ -38,6 +38,9 @@ pub enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Write a copy of a model with 8-bit (Q8_0) matrices and report its accuracy.
     Quantize(quantize::QuantizeArgs),
+    /// Write a copy of a model as one safetensors file with its tensors on cache lines,
+    /// optionally cast to another float dtype, and report its accuracy.
+    Convert(quantize::ConvertArgs),
     /// Perplexity of a model on a text file.
     Perplexity(quantize::PerplexityArgs),
 }
@@ -200,6 +203,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench::run_cmd(a),
         Command::Serve(a) => serve::run(*a),
         Command::Quantize(a) => quantize::run_quantize(a),
+        Command::Convert(a) => quantize::run_convert(a),
         Command::Perplexity(a) => quantize::run_perplexity(a),
     }
 }

@@ -1,12 +1,14 @@
+//! `mamba-rs convert` (another dtype, or the same one on cache lines),
 //! `mamba-rs quantize` (Q8_0 checkpoint) and `mamba-rs perplexity`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use mamba_core::DType;
+use mamba_runtime::convert::{convert_model, Summary, Target};
 use mamba_runtime::eval::{self, Comparison, DEFAULT_WINDOW};
 use mamba_runtime::model::LoadedModel;
-use mamba_runtime::quantize::quantize_model;
 use mamba_runtime::sampling::Rng;
 use mamba_runtime::session::Session;
 use mamba_runtime::tokenizer::Tokenizer;
@@ -14,11 +16,12 @@ use serde_json::json;
 
 use super::ModelArgs;
 
+/// Where to write a copy of a model, and what to check it on.
 #[derive(Args, Debug)]
-pub struct QuantizeArgs {
+pub struct WriteArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Directory to write the quantized model into (created if missing).
+    /// Directory to write the model into (created if missing).
     #[arg(long)]
     pub out: PathBuf,
     /// Overwrite a model already in --out.
@@ -35,6 +38,21 @@ pub struct QuantizeArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    #[command(flatten)]
+    pub write: WriteArgs,
+    /// Cast every float tensor to f32, f16 or bf16 (default: keep each tensor's dtype).
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -72,9 +90,26 @@ fn text_ids(model: &LoadedModel, file: &Path, max: usize) -> Result<Vec<u32>> {
 }
 
 pub fn run_quantize(a: QuantizeArgs) -> Result<()> {
+    write_copy(&a.write, Target::Q8_0)
+}
+
+pub fn run_convert(a: ConvertArgs) -> Result<()> {
+    let target = match a.dtype.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None => Target::AsStored,
+        Some("f32" | "float32") => Target::Float(DType::F32),
+        Some("f16" | "float16") => Target::Float(DType::F16),
+        Some("bf16" | "bfloat16") => Target::Float(DType::BF16),
+        Some("q8" | "q8_0") => bail!("--dtype q8: use `mamba-rs quantize` for Q8_0"),
+        Some(other) => bail!("--dtype: unknown dtype `{other}` (f32, f16, bf16)"),
+    };
+    write_copy(&a.write, target)
+}
+
+/// Write the copy, load it back, and compare its logits with the source's.
+fn write_copy(a: &WriteArgs, target: Target) -> Result<()> {
     let src = a.model.load()?;
     let t0 = std::time::Instant::now();
-    let sum = quantize_model(&src, &a.out, a.force).context("quantizing")?;
+    let sum = convert_model(&src, &a.out, target, a.force).context("writing the copy")?;
     let secs = t0.elapsed().as_secs_f64();
     let q = LoadedModel::load_dir(&a.out)
         .with_context(|| format!("loading the result from {}", a.out.display()))?;
@@ -90,21 +125,15 @@ pub fn run_quantize(a: QuantizeArgs) -> Result<()> {
     let mut s_src = Session::new(&src, &par, 1)?;
     let mut s_q = Session::new(&q, &par, 1)?;
     let c = eval::compare(&mut s_src, &mut s_q, &ids, DEFAULT_WINDOW)?;
-    report(&a, &sum, secs, &what, &c)
+    report(a, target, &sum, secs, &what, &c)
 }
 
-fn report(
-    a: &QuantizeArgs,
-    sum: &mamba_runtime::quantize::Summary,
-    secs: f64,
-    what: &str,
-    c: &Comparison,
-) -> Result<()> {
+fn report(a: &WriteArgs, target: Target, sum: &Summary, secs: f64, what: &str, c: &Comparison) -> Result<()> {
     let (p0, p1) = (c.reference.perplexity(), c.other.perplexity());
     if a.json {
-        let v = json!({
+        let key = if target == Target::Q8_0 { "quantized_tensors" } else { "converted_tensors" };
+        let mut v = json!({
             "out": a.out.display().to_string(),
-            "quantized_tensors": sum.quantized,
             "kept_tensors": sum.kept,
             "not_quantized_matrices": sum.skipped,
             "bytes_in": sum.bytes_in,
@@ -119,15 +148,19 @@ fn report(
             "mean_abs_logit_diff": c.mean_abs_logit_diff,
             "top1_agreement": c.top1_agree as f64 / c.reference.tokens.max(1) as f64,
         });
+        v[key] = sum.converted.into();
         println!("{v}");
         return Ok(());
     }
     let mb = |b: usize| b as f64 / 1e6;
+    let done = match target {
+        Target::Q8_0 => format!("{} matrices as Q8_0, {} tensors kept", sum.converted, sum.kept),
+        Target::Float(to) => format!("{} tensors cast to {}, {} kept", sum.converted, to.name(), sum.kept),
+        Target::AsStored => format!("{} tensors as stored, on cache lines", sum.kept),
+    };
     println!(
-        "wrote {}: {} matrices as Q8_0, {} tensors kept, {:.1} MB -> {:.1} MB in {secs:.1} s",
+        "wrote {}: {done}, {:.1} MB -> {:.1} MB in {secs:.1} s",
         a.out.display(),
-        sum.quantized,
-        sum.kept,
         mb(sum.bytes_in),
         mb(sum.bytes_out)
     );

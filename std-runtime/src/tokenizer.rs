@@ -1,6 +1,7 @@
 //! Text in and out through the `tokenizers` crate, with a streaming decoder
 //! that never splits a multi-byte character across printed pieces.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -9,6 +10,8 @@ use crate::error::{Error, Result};
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
+    /// The special tokens' strings by id (`<|endoftext|>`, ...).
+    specials: HashMap<u32, String>,
 }
 
 impl Tokenizer {
@@ -25,7 +28,13 @@ impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), msg: e.to_string() })?;
-        Ok(Tokenizer { inner, path: path.to_path_buf() })
+        let specials = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, t)| (id, t.content))
+            .collect();
+        Ok(Tokenizer { inner, path: path.to_path_buf(), specials })
     }
 
     /// Token ids of `text` (no special tokens added).
@@ -42,6 +51,12 @@ impl Tokenizer {
         self.inner
             .decode(ids, true)
             .map_err(|e| Error::Tokenizer { path: self.path.clone(), msg: e.to_string() })
+    }
+
+    /// The string of `id` when it is a special token, which [`Self::decode`]
+    /// skips (log-probabilities name it, as OpenAI's API does).
+    pub fn special(&self, id: u32) -> Option<&str> {
+        self.specials.get(&id).map(String::as_str)
     }
 
     /// The id of a token string, if it is in the vocabulary.
@@ -124,6 +139,16 @@ mod tests {
         let mut stream = StreamDecoder::new(&tok, &p_ids);
         let out: String = g_ids.iter().filter_map(|&id| stream.push(id).unwrap()).collect();
         assert_eq!(out, rest);
+    }
+
+    #[test]
+    fn special_tokens_are_named_and_others_are_not() {
+        let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/mamba-demo");
+        let tok = Tokenizer::from_dir(&demo).unwrap().unwrap();
+        assert_eq!(tok.special(0), Some("<|endoftext|>"));
+        assert_eq!(tok.decode(&[0]).unwrap(), "");
+        let a = tok.encode("a").unwrap()[0];
+        assert_eq!(tok.special(a), None);
     }
 
     #[test]

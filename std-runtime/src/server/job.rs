@@ -100,7 +100,8 @@ pub struct Job {
     left: usize,
 }
 
-/// Text of token `t` after the tokens `ctx`: what it adds to their decoded text.
+/// Text of each token of `ts` after the tokens `ctx`: what it adds to
+/// their decoded text, or a special token's own string (decoding skips it).
 fn piece(tok: Option<&Tokenizer>, ctx: &[u32], ts: &[u32]) -> Vec<String> {
     let Some(tok) = tok else { return ts.iter().map(|t| format!("token_id:{t}")).collect() };
     let window = &ctx[ctx.len().saturating_sub(4)..];
@@ -108,6 +109,9 @@ fn piece(tok: Option<&Tokenizer>, ctx: &[u32], ts: &[u32]) -> Vec<String> {
     let mut ids = window.to_vec();
     ts.iter()
         .map(|&t| {
+            if let Some(s) = tok.special(t) {
+                return s.to_string();
+            }
             ids.truncate(window.len());
             ids.push(t);
             let after = tok.decode(&ids).unwrap_or_default();
@@ -300,5 +304,22 @@ impl Job {
     /// Run to the end (non-streaming).
     pub async fn finish(&mut self) {
         while self.next().await.is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_name_special_tokens_and_carry_spaces_from_context() {
+        let demo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/mamba-demo");
+        let tok = Tokenizer::from_dir(&demo).unwrap().unwrap();
+        let ctx = tok.encode("And God said").unwrap();
+        let next = tok.encode(" unto").unwrap();
+        assert_eq!(next.len(), 1, "{next:?}");
+        let got = piece(Some(&tok), &ctx, &[next[0], 0]);
+        assert_eq!(got, vec![" unto".to_string(), "<|endoftext|>".to_string()]);
+        assert_eq!(piece(None, &ctx, &[7]), vec!["token_id:7".to_string()]);
     }
 }

@@ -10,7 +10,7 @@ mod common;
 mod x86 {
     use super::common;
     use half::bf16;
-    use mamba_core::kernels::{dot, linear, linear_strided, simd};
+    use mamba_core::kernels::{dot, linear, simd};
     use mamba_core::{Tensor, WData};
 
     fn product(x: &[f32], rows: usize, w: &Tensor<'_>, f: (usize, usize)) -> Vec<f32> {
@@ -56,15 +56,7 @@ mod x86 {
                 // Features split as threads split them, rows read in place from
                 // a wider buffer, and each token alone: the same bits.
                 let part = product(&x, rows, &wt, (3, 7));
-                let stride = k + 5;
-                let mut wide = vec![f32::NAN; rows * stride];
-                for t in 0..rows {
-                    wide[t * stride..t * stride + k].copy_from_slice(&x[t * k..(t + 1) * k]);
-                }
-                let mut strided = vec![f32::NAN; rows * n_out];
-                linear_strided((&wide, stride), rows, &wt, None, (0, n_out), |t, o, v| {
-                    strided[t * n_out + o..t * n_out + o + v.len()].copy_from_slice(v)
-                });
+                let strided = common::strided_product(&x, rows, &wt, k + 5);
                 assert_eq!(common::bits(&strided), common::bits(&whole), "k={k} rows={rows}: strided");
                 for t in 0..rows {
                     let at = format!("k={k} rows={rows} token {t}");
@@ -93,17 +85,9 @@ mod x86 {
         let v = product(&x, 1, &wt, (0, 2));
         let head: f64 = (0..32).map(|i| w[i].to_f64() * round(x[i])).sum();
         assert!((v[0] as f64 - head).abs() <= 1e-5, "{v:?} vs {head}");
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            for at in [0, 33, 95] {
-                let mut xb = x.clone();
-                xb[at] = bad;
-                for rows in [1, 4] {
-                    let xr: Vec<f32> = xb.iter().cycle().take(rows * k).copied().collect();
-                    let v = product(&xr, rows, &wt, (0, 2));
-                    assert!(v.iter().all(|r| !r.is_finite()), "{bad} at {at}, {rows} rows: {v:?}");
-                }
-            }
-        }
+        common::non_finite_activations_stay_non_finite("bf16 dot", &x, |xr, rows| {
+            product(xr, rows, &wt, (0, 2))
+        });
     }
 
     #[test]

@@ -7,7 +7,7 @@
 mod common;
 
 use half::f16;
-use mamba_core::kernels::{dot, dot4, dot_portable, linear, linear_strided};
+use mamba_core::kernels::{dot, dot4, dot_portable, linear};
 use mamba_core::{CoreError, Tensor, WData, Q8_BLOCK};
 
 fn data(n: usize, seed: f32) -> Vec<f32> {
@@ -88,15 +88,7 @@ fn check_mode(mode: &str) {
         for rows in [1, 3, 4, 9] {
             let x = data(rows * k, rows as f32);
             // Rows read in place from a wider buffer: the same bits as packed rows.
-            let stride = k + 32;
-            let mut wide = vec![f32::NAN; rows * stride];
-            for t in 0..rows {
-                wide[t * stride..t * stride + k].copy_from_slice(&x[t * k..(t + 1) * k]);
-            }
-            let mut strided = vec![f32::NAN; rows * n_out];
-            linear_strided((&wide, stride), rows, &wq, None, (0, n_out), |t, o, v| {
-                strided[t * n_out + o..t * n_out + o + v.len()].copy_from_slice(v)
-            });
+            let strided = common::strided_product(&x, rows, &wq, k + 32);
             let packed = product(&x, rows, &wq, (0, n_out));
             assert_eq!(common::bits(&strided), common::bits(&packed), "{mode}: k={k} rows={rows} strided");
             for f in [(0, n_out), (3, 7)] {
@@ -152,17 +144,7 @@ fn check_special_activations(mode: &str) {
     let head: f32 = w0.iter().zip(&x).map(|(w, v)| w * v).sum();
     let tol = int8_bound(&w0, &x[..32]) as f32;
     assert!(v[0].is_finite() && (v[0] - head).abs() <= tol, "{mode}: {v:?} vs {head}");
-    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-        for at in [0, 33, 95] {
-            let mut xb = x.clone();
-            xb[at] = bad;
-            for rows in [1, 4] {
-                let xr: Vec<f32> = xb.iter().cycle().take(rows * k).copied().collect();
-                let v = product(&xr, rows, &wq, (0, 2));
-                assert!(v.iter().all(|r| !r.is_finite()), "{mode}: {bad} at {at}, {rows} rows: {v:?}");
-            }
-        }
-    }
+    common::non_finite_activations_stay_non_finite(mode, &x, |xr, rows| product(xr, rows, &wq, (0, 2)));
 }
 
 #[test]

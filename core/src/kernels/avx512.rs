@@ -28,6 +28,10 @@ const TILE_R: usize = 3;
 /// Activation rows per tile: 3 x 4 x 2 accumulators + 6 weights + 1
 /// activation fit the 32 vector registers.
 pub(crate) const TILE_T: usize = 4;
+/// Widest row (`k`) whose activations a product stages on the stack,
+/// rounded to bf16 or quantized to int8 ([`TILE_T`] rows of it); wider
+/// rows take the widening tiles (every published Mamba-1 is at most 5,120).
+pub(crate) const STAGED_K: usize = 8192;
 /// Bytes of weight rows kept hot (in L2) while every token block passes over them.
 const PANEL_BYTES: usize = 192 * 1024;
 /// At most this many weight rows a panel (a multiple of [`TILE_R`]), so a

@@ -24,11 +24,8 @@
 //! float kernels.
 #![allow(unsafe_code)]
 
-/// Widest row (`k`) quantized on the stack; wider products dequantize
-/// instead (every published Mamba-1 is at most 5,120).
-pub const MAX_K: usize = 8192;
-/// Token rows quantized at a time: the tiles' token block.
-pub const ROWS: usize = super::avx512::TILE_T;
+/// Widest row (`k`) quantized on the stack, and token rows quantized at a time.
+pub(crate) use super::avx512::{STAGED_K as MAX_K, TILE_T as ROWS};
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::*;

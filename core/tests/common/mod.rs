@@ -93,3 +93,39 @@ pub fn same_in_every_mode<T: PartialEq>(mut run: impl FnMut(&str) -> T) {
         }
     });
 }
+
+/// A NaN or an infinity put at a few places of the row `x`, the row alone
+/// and repeated over four: `product(rows of x, rows)` gives no finite value,
+/// as an f32 product would not.
+pub fn non_finite_activations_stay_non_finite(
+    what: &str,
+    x: &[f32],
+    product: impl Fn(&[f32], usize) -> Vec<f32>,
+) {
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        for at in [0, 33, x.len() - 1] {
+            let mut xb = x.to_vec();
+            xb[at] = bad;
+            for rows in [1, 4] {
+                let xr: Vec<f32> = xb.iter().cycle().take(rows * x.len()).copied().collect();
+                let v = product(&xr, rows);
+                assert!(v.iter().all(|r| !r.is_finite()), "{what}: {bad} at {at}, {rows} rows: {v:?}");
+            }
+        }
+    }
+}
+
+/// `w`'s product over the `rows` rows of `x` (`k = w.cols` each), read in
+/// place from a buffer whose rows are `stride` apart (NaN between them).
+pub fn strided_product(x: &[f32], rows: usize, w: &mamba_core::Tensor<'_>, stride: usize) -> Vec<f32> {
+    let (k, n) = (w.cols, w.rows);
+    let mut wide = vec![f32::NAN; rows * stride];
+    for t in 0..rows {
+        wide[t * stride..t * stride + k].copy_from_slice(&x[t * k..(t + 1) * k]);
+    }
+    let mut out = vec![f32::NAN; rows * n];
+    mamba_core::kernels::linear_strided((&wide, stride), rows, w, None, (0, n), |t, o, v| {
+        out[t * n + o..t * n + o + v.len()].copy_from_slice(v)
+    });
+    out
+}

@@ -18,16 +18,14 @@
 //! hold bit for bit, as for the float kernels.
 #![allow(unsafe_code)]
 
-/// Widest row (`k`) rounded on the stack, and token rows rounded at a time.
-pub(crate) use super::avx512::{STAGED_K as MAX_K, TILE_T as ROWS};
-
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::*;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{MAX_K, ROWS};
+    // The widest row (`k`) rounded on the stack, and the token rows rounded at a time.
     use crate::kernels::avx512::x86::reduce_pairs;
+    use crate::kernels::avx512::{STAGED_K as MAX_K, TILE_T as ROWS};
     use core::arch::x86_64::*;
     use core::mem::MaybeUninit;
     use half::bf16;

@@ -24,16 +24,14 @@
 //! float kernels.
 #![allow(unsafe_code)]
 
-/// Widest row (`k`) quantized on the stack, and token rows quantized at a time.
-pub(crate) use super::avx512::{STAGED_K as MAX_K, TILE_T as ROWS};
-
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::*;
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{MAX_K, ROWS};
+    // The widest row (`k`) quantized on the stack, and the token rows quantized at a time.
     use crate::kernels::avx512::x86::{reduce_pairs, Q8Rows, Rows16};
+    use crate::kernels::avx512::{STAGED_K as MAX_K, TILE_T as ROWS};
     use crate::tensor::Q8_BLOCK;
     use core::arch::x86_64::*;
     use core::mem::MaybeUninit;

@@ -260,6 +260,9 @@ impl Product for Q8Ints {
 }
 
 /// bf16 rows against activations rounded to bf16 ([`super::bf16_avx512`]).
+/// Made only while [`super::simd::bf16_dot_enabled`], whose switch's
+/// contract is that the CPU has AVX-512 BF16 as well as what the trait's
+/// methods ask for.
 #[cfg(target_arch = "x86_64")]
 struct Bf16Dots {
     w: *const half::bf16,

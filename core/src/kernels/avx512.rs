@@ -461,6 +461,13 @@ pub(crate) mod x86 {
         unsafe fn load32(self, i: usize) -> [__m512; 2] {
             [self.load16(i), self.load16(i + 16)]
         }
+        /// [`Rows16::load32`] for a lone row ([`Widen16::load32_lone`]).
+        /// # Safety
+        /// As [`Rows16::load16`].
+        #[inline(always)]
+        unsafe fn load32_lone(self, i: usize) -> [__m512; 2] {
+            self.load32(i)
+        }
         /// The first `count(m)` weights from `i`, zeros elsewhere (`m` is a low mask).
         /// # Safety
         /// The lanes set in `m` are readable; AVX-512 F/BW/VL are available.
@@ -479,8 +486,8 @@ pub(crate) mod x86 {
             W::load16(self.add(i))
         }
         #[inline(always)]
-        unsafe fn load32(self, i: usize) -> [__m512; 2] {
-            W::load32(self.add(i))
+        unsafe fn load32_lone(self, i: usize) -> [__m512; 2] {
+            W::load32_lone(self.add(i))
         }
         #[inline(always)]
         unsafe fn load16_masked(self, i: usize, m: __mmask16) -> __m512 {
@@ -551,11 +558,13 @@ pub(crate) mod x86 {
         /// # Safety
         /// The lanes set in `m` are readable; AVX-512 F/BW/VL are available.
         unsafe fn load16_masked(p: *const Self, m: __mmask16) -> __m512;
-        /// Elements `0..32` from `p` as two registers.
+        /// Elements `0..32` from `p` as two registers, for a lone row (a
+        /// stream from memory: fewer instructions a byte keep more of it in
+        /// flight), where a tile's rows want the fewest cycles instead.
         /// # Safety
         /// `p` points at 32 readable elements; AVX-512 F/BW/VL are available.
         #[inline(always)]
-        unsafe fn load32(p: *const Self) -> [__m512; 2] {
+        unsafe fn load32_lone(p: *const Self) -> [__m512; 2] {
             [Self::load16(p), Self::load16(p.add(16))]
         }
     }
@@ -592,10 +601,9 @@ pub(crate) mod x86 {
             bf16_bits_to_ps(_mm256_loadu_si256(p as *const __m256i))
         }
         /// One load and two permutes, where two widening loads and two
-        /// shifts take twice the instructions (a lone row streams from
-        /// memory: fewer instructions a byte keep more of it in flight).
+        /// shifts take twice the instructions (but fewer cycles: tiles keep those).
         #[inline(always)]
-        unsafe fn load32(p: *const Self) -> [__m512; 2] {
+        unsafe fn load32_lone(p: *const Self) -> [__m512; 2] {
             let v = _mm512_loadu_si512(p as *const _);
             [bf16_half_to_ps::<0>(v), bf16_half_to_ps::<16>(v)]
         }
@@ -633,7 +641,7 @@ pub(crate) mod x86 {
             () => {{
                 let mut wv = [[_mm512_setzero_ps(); 2]; R];
                 for r in 0..R {
-                    wv[r] = w[r].load32(i);
+                    wv[r] = if R * T == 1 { w[r].load32_lone(i) } else { w[r].load32(i) };
                 }
                 for t in 0..T {
                     let xv = [_mm512_loadu_ps(x[t].add(i)), _mm512_loadu_ps(x[t].add(i + 16))];

@@ -34,7 +34,7 @@ fn tiles_match_portable_and_are_independent_of_the_split() {
     assert!(simd::avx512_enabled());
     // Lengths around the 16- and 32-element blocks, and model widths; 600
     // features make several panels (at most 255 rows each).
-    let shapes = [1, 5, 15, 16, 17, 31, 32, 33, 47, 48, 100, 768].map(|k| (k, 11));
+    let shapes = [1, 5, 15, 16, 17, 31, 32, 33, 47, 48, 100, 200, 768].map(|k| (k, 11));
     for (k, n_out) in shapes.into_iter().chain([(32, 600), (768, 600)]) {
         let w32 = data(n_out * k, 0.5);
         let wb: Vec<bf16> = w32.iter().map(|&v| bf16::from_f32(v)).collect();

@@ -74,7 +74,7 @@ fn check_mode(mode: &str) {
     // weights, exactly.
     let ints = mode == "avx512" && mamba_core::kernels::simd::vnni_enabled();
     // 8224 is wider than the AVX-512 kernels quantize on the stack: dequantized there too.
-    for k in [32, 64, 96, 768, 8224] {
+    for k in [32, 64, 96, 608, 768, 8224] {
         let n_out = 10;
         let (q, d) = q8(n_out * k);
         let deq: Vec<f32> = q.iter().enumerate().map(|(i, &v)| v as f32 * d[i / Q8_BLOCK].to_f32()).collect();

@@ -79,3 +79,23 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) -> f64 {
     assert!(d <= tol, "{what}: max |diff| {d:.3e} > {tol:.0e} at index {i}: got {} want {}", got[i], want[i]);
     d
 }
+
+/// The bit patterns of `v`, to compare logits exactly.
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Every position's logits of each sequence, each prefilled alone (in its
+/// own slot of one session) through `par`.
+pub fn solo_logits(
+    m: &mamba_runtime::model::LoadedModel,
+    par: &dyn mamba_core::Parallel,
+    seqs: &[&[u32]],
+) -> Vec<Vec<f32>> {
+    use mamba_runtime::session::{LogitsMode, Session};
+    let mut s = Session::new(m, par, seqs.len()).expect("a session");
+    seqs.iter()
+        .enumerate()
+        .map(|(i, q)| s.prefill(&[q], &[i], LogitsMode::All).expect("prefill").remove(0))
+        .collect()
+}

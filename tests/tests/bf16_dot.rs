@@ -6,50 +6,23 @@
 //! its own: the switch is process-wide.
 
 use mamba_core::kernels::simd;
-use mamba_core::{Parallel, Sequential};
+use mamba_core::Sequential;
 use mamba_runtime::eval::{for_each_prediction, nll};
 use mamba_runtime::model::LoadedModel;
 use mamba_runtime::parallel::RayonParallel;
 use mamba_runtime::sampling::argmax;
 use mamba_runtime::session::{LogitsMode, Session};
-use mamba_tests::{Truth, CASES};
+use mamba_tests::{assert_close, bits, solo_logits, Truth, CASES};
 
 /// Rounding an activation to bf16 moves it by up to 2^-9 of itself, where
 /// f32 moves it by 2^-24; the fixtures' random weights carry that through
 /// every layer. Measured worst: 5.3e-2 (the f32 products: 8e-6).
 const LOGIT_TOL: f64 = 0.1;
 
-/// Every prompt's logits at every position, the prompts in one ragged
-/// prefill (shuffled slots) or one at a time, through `par`.
-fn prefill_all(m: &LoadedModel, par: &dyn Parallel, seqs: &[&[u32]], together: bool) -> Vec<Vec<f32>> {
-    let n = seqs.len();
-    let mut s = Session::new(m, par, n).unwrap();
-    if together {
-        let slots: Vec<usize> = (0..n).rev().collect();
-        return s.prefill(seqs, &slots, LogitsMode::All).unwrap();
-    }
-    seqs.iter().enumerate().map(|(i, q)| s.prefill(&[q], &[i], LogitsMode::All).unwrap().remove(0)).collect()
-}
-
 /// The logits of the step path, a token at a time.
 fn steps(m: &LoadedModel, ids: &[u32]) -> Vec<f32> {
     let mut s = Session::new(m, &Sequential, 1).unwrap();
     ids.iter().flat_map(|&t| s.step(&[t], &[0]).unwrap().to_vec()).collect()
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
-}
-
-fn worst_diff(got: &[f32], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    got.iter().zip(want).map(|(&g, &w)| (g as f64 - w).abs()).fold(0.0, |a, d| {
-        if d.is_nan() {
-            f64::NAN
-        } else {
-            a.max(d)
-        }
-    })
 }
 
 /// The bf16 fixtures against float64, and every path against the others.
@@ -61,28 +34,32 @@ fn check_fixtures(pool: &RayonParallel) {
         }
         let m = LoadedModel::load(t.dir_str()).unwrap();
         let seqs: Vec<&[u32]> = t.prompts.iter().map(|p| p.ids.as_slice()).collect();
-        let solo = prefill_all(&m, &Sequential, &seqs, false);
+        let solo = solo_logits(&m, &Sequential, &seqs);
         let mut worst = 0.0f64;
         for (pi, p) in t.prompts.iter().enumerate() {
-            let d = worst_diff(&solo[pi], &t.read_f64(&p.logits));
-            assert!(d <= LOGIT_TOL, "{case} prompt {pi}: max |logit diff| {d:.3e} over {LOGIT_TOL:.0e}");
-            worst = worst.max(d);
+            let what = format!("{case} prompt {pi} logits with bf16 dot products");
+            worst = worst.max(assert_close(&what, &solo[pi], &t.read_f64(&p.logits), LOGIT_TOL));
             assert_eq!(bits(&steps(&m, &p.ids)), bits(&solo[pi]), "{case} prompt {pi}: step != prefill");
         }
-        let ragged = prefill_all(&m, pool, &seqs, true);
+        // One ragged prefill of every prompt, slots shuffled, on two threads.
+        let slots: Vec<usize> = (0..seqs.len()).rev().collect();
+        let mut s = Session::new(&m, pool, seqs.len()).unwrap();
+        let ragged = s.prefill(&seqs, &slots, LogitsMode::All).unwrap();
         for (pi, (r, s)) in ragged.iter().zip(&solo).enumerate() {
             assert_eq!(bits(r), bits(s), "{case} prompt {pi}: ragged and threaded != solo and sequential");
         }
         // The switch takes effect: the f32 products give other bits.
         simd::disable_bf16_dot();
-        let exact = prefill_all(&m, &Sequential, &seqs, false);
+        let exact = solo_logits(&m, &Sequential, &seqs);
         mamba_runtime::cpu::enable_bf16_dot().unwrap();
         assert_ne!(bits(&exact[0]), bits(&solo[0]), "{case}: --bf16-dot changed nothing");
         eprintln!("{case}: max |logit diff| {worst:.2e} against float64 with bf16 dot products");
     }
 }
 
-/// Scores and logits rows (the real vocabulary) of the demo model on its held-out text.
+/// Scores and logits rows (the real vocabulary) of the demo model on its
+/// held-out text. Not `eval::compare`: it runs both sessions window by
+/// window, and the switch between the two products is process-wide.
 fn demo_predictions(m: &LoadedModel, pool: &RayonParallel, ids: &[u32]) -> (f64, Vec<Vec<f32>>) {
     let vocab = m.sample_vocab();
     let mut s = Session::new(m, pool, 1).unwrap();

@@ -7,8 +7,7 @@ use half::{bf16, f16};
 use mamba_core::{DType, Sequential};
 use mamba_runtime::convert::{convert_model, Target, TENSOR_ALIGN};
 use mamba_runtime::model::LoadedModel;
-use mamba_runtime::session::{LogitsMode, Session};
-use mamba_tests::{Truth, CASES};
+use mamba_tests::{bits, solo_logits, Truth, CASES};
 
 fn convert(case: &str, target: Target) -> (Truth, LoadedModel, tempfile::TempDir, LoadedModel) {
     let t = Truth::load(case);
@@ -33,20 +32,10 @@ fn on_cache_lines(case: &str, m: &LoadedModel) {
     }
 }
 
-/// Every prompt's logits at every position, each prompt alone.
+/// Every prompt's logits at every position, each prompt alone, as bits.
 fn logits(m: &LoadedModel, t: &Truth) -> Vec<Vec<u32>> {
-    t.prompts
-        .iter()
-        .map(|p| {
-            let mut s = Session::new(m, &Sequential, 1).unwrap();
-            s.prefill(&[&p.ids], &[0], LogitsMode::All)
-                .unwrap()
-                .remove(0)
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
-        })
-        .collect()
+    let seqs: Vec<&[u32]> = t.prompts.iter().map(|p| p.ids.as_slice()).collect();
+    solo_logits(m, &Sequential, &seqs).iter().map(|l| bits(l)).collect()
 }
 
 /// The values of tensor `name` as f32.

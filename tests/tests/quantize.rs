@@ -11,7 +11,7 @@ use mamba_runtime::parallel::RayonParallel;
 use mamba_runtime::quantize::{quantize_model, TENSOR_ALIGN};
 use mamba_runtime::session::{LogitsMode, Session};
 use mamba_runtime::weights::TensorStore;
-use mamba_tests::Truth;
+use mamba_tests::{bits, Truth};
 
 /// The fixtures with matrices whose rows are whole 32-weight blocks (the
 /// others are narrower than a block, and nothing of theirs is quantized).
@@ -80,10 +80,6 @@ fn dequantized_twin(q: &LoadedModel) -> LoadedModel {
 
 fn bytemuck_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// The largest |a - b| over two sets of logits, and the largest |b|.

@@ -134,7 +134,6 @@ pub fn convert_model(model: &LoadedModel, out: &Path, target: Target, force: boo
         }
         sum.bytes_in += t.bytes.len();
         let matrix = QUANTIZED.iter().any(|s| name.ends_with(s)) && t.shape.len() == 2;
-        let kept = || Out { dtype: st_dtype(t.dtype), shape: t.shape.to_vec(), bytes: t.bytes.to_vec() };
         match target {
             Target::Q8_0 if matrix && t.shape[1] % Q8_BLOCK == 0 => {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
@@ -164,7 +163,8 @@ pub fn convert_model(model: &LoadedModel, out: &Path, target: Target, force: boo
                 if matrix && target == Target::Q8_0 {
                     sum.skipped.push(name.to_string());
                 }
-                tensors.push((name.to_string(), kept()));
+                let kept = Out { dtype: st_dtype(t.dtype), shape: t.shape.to_vec(), bytes: t.bytes.to_vec() };
+                tensors.push((name.to_string(), kept));
                 sum.kept += 1;
             }
         }

@@ -38,6 +38,14 @@ pub struct ScanRows<'a> {
     pub dt_rank: usize,
 }
 
+impl ScanRows<'_> {
+    /// Where token `t`'s gate `z` for channel `d` sits in `xz`.
+    #[inline(always)]
+    fn z_at(&self, t: usize, d: usize) -> usize {
+        (2 * t + 1) * self.d_inner + d
+    }
+}
+
 /// Scan one sequence of `len` tokens from `state` (`[d_inner, d_state]`,
 /// left holding the final state). `a`: `[d_inner, d_state]`; `d_skip`: `[d_inner]`;
 /// `y`: `[len, d_inner]`.
@@ -100,7 +108,7 @@ multiversion! {
                 let b = &dbc[t * xp + dt_rank..t * xp + dt_rank + n_s];
                 let c = &dbc[t * xp + dt_rank + n_s..t * xp + xp];
                 let acc = update(h, a_row, dtv, dtv * xv, b, c);
-                write(t, d, &[(acc + dd * xv) * silu(xz[t * 2 * d_inner + d_inner + d])]);
+                write(t, d, &[(acc + dd * xv) * silu(xz[rows.z_at(t, d)])]);
             }
         }
     }
@@ -146,7 +154,7 @@ fn scan_block<const FULL: usize>(
     // it is on (its arithmetic is fused, so it must take all of them).
     let done = n_s == LANES && {
         let token = |t: usize| {
-            let (o, bc, oz) = (t * d_inner + d0, t * xp + dt_rank, t * 2 * d_inner + d_inner + d0);
+            let (o, bc, oz) = (t * d_inner + d0, t * xp + dt_rank, rows.z_at(t, d0));
             let (o_next, bc_next, oz_next) = (o + AHEAD * d_inner, bc + AHEAD * xp, oz + AHEAD * 2 * d_inner);
             for p in [
                 x.as_ptr().wrapping_add(o_next),
@@ -201,7 +209,7 @@ fn scan_block<const FULL: usize>(
                 }
             }
         }
-        let oz = t * 2 * d_inner + d_inner + d0;
+        let oz = rows.z_at(t, d0);
         let mut y = [0.0f32; LANES];
         for (j, &z) in xz[oz..oz + nch].iter().enumerate() {
             y[j] = (p[0][j] + dd[j] * xv[j]) * silu(z);

@@ -720,7 +720,7 @@ pub(crate) mod x86 {
 
     /// `[lo | hi]` as one 512-bit register.
     #[inline(always)]
-    unsafe fn join256(lo: __m256, hi: __m256) -> __m512 {
+    pub(crate) unsafe fn join256(lo: __m256, hi: __m256) -> __m512 {
         _mm512_castpd_ps(_mm512_insertf64x4::<1>(
             _mm512_castps_pd(_mm512_castps256_ps512(lo)),
             _mm256_castps_pd(hi),

@@ -300,6 +300,12 @@ fn bf16_dot_runs_the_dot_products_or_says_why_it_cannot() {
     let p = &t["prompts"][2];
     let ids = ids_arg(&p["ids"]);
     let args = ["logits", "-m", &model, "--all", "--ids", &ids, "--bf16-dot"];
+    // On CUDA it would change nothing: said before any device is opened.
+    for cmd in [&["logits", "--ids", "1,2"][..], &["generate", "--prompt", "a"], &["bench", "--gen-len", "1"]]
+    {
+        let e = err_text(&[cmd, &["-m", &model, "--device", "cuda", "--bf16-dot"]].concat());
+        assert!(e.contains("--bf16-dot") && e.contains("--device cuda"), "{cmd:?}: {e}");
+    }
     #[cfg(target_arch = "x86_64")]
     let can = std::is_x86_feature_detected!("avx512f")
         && std::is_x86_feature_detected!("avx512bw")

@@ -78,7 +78,7 @@ pub fn run_cmd(a: BenchArgs) -> Result<()> {
     if batches.contains(&0) {
         bail!("--batch sizes must be at least 1");
     }
-    let device = a.device.device()?;
+    let device = a.device.device_for(&a.model)?;
     if a.profile && matches!(device, Device::Cuda(_)) {
         bail!("--profile times the CPU backend's ops; it has no CUDA version (the device runs them asynchronously)");
     }

@@ -145,7 +145,7 @@ fn prompts(
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let device = a.device.device()?;
+    let device = a.device.device_for(&a.model)?;
     let model = a.model.load()?;
     let par = a.model.parallel()?;
     let tok = Tokenizer::from_dir(&model.dir)?;

@@ -36,7 +36,7 @@ pub struct LogitsArgs {
 
 pub fn run(a: LogitsArgs) -> Result<()> {
     let seqs = a.ids.iter().map(|s| parse_ids(s)).collect::<Result<Vec<_>>>()?;
-    let device = a.device.device()?;
+    let device = a.device.device_for(&a.model)?;
     let model = a.model.load()?;
     let par = a.model.parallel()?;
     let n = seqs.len();

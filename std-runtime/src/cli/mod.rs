@@ -75,6 +75,19 @@ impl DeviceArgs {
     pub fn device(&self) -> Result<Device> {
         Ok(Device::parse(&self.device)?)
     }
+
+    /// [`Self::device`], refusing CPU-only options that `model` asks for on
+    /// another device (they would change nothing there).
+    pub fn device_for(&self, model: &ModelArgs) -> Result<Device> {
+        let device = self.device()?;
+        if model.bf16_dot && device != Device::Cpu {
+            bail!(
+                "--bf16-dot switches the CPU's products; --device {} runs its own kernels, which it does not change",
+                self.device
+            );
+        }
+        Ok(device)
+    }
 }
 
 /// How many state slots to keep (one per running sequence).

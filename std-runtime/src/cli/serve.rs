@@ -66,7 +66,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if !(a.shutdown_grace.is_finite() && a.shutdown_grace >= 0.0) {
         bail!("--shutdown-grace must be a number of seconds >= 0");
     }
-    let device = a.device.device()?;
+    let device = a.device.device_for(&a.model)?;
     if let Device::Cuda(i) = device {
         // Fail here, before listening, when the device cannot be opened.
         mamba_runtime::device::open_cuda(i).context("--device")?;

@@ -50,11 +50,32 @@ pub struct Summary {
     pub bytes_out: usize,
 }
 
-/// A tensor to write: dtype, shape and little-endian bytes.
-pub(crate) struct Out {
-    pub dtype: safetensors::Dtype,
-    pub shape: Vec<usize>,
-    pub bytes: Vec<u8>,
+/// A tensor of the copy as its header names it: dtype, shape and length
+/// in bytes. Its bytes are made only when [`write_aligned`] writes it.
+struct Entry<'m> {
+    name: String,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    len: usize,
+    make: Make<'m>,
+}
+
+impl<'m> Entry<'m> {
+    fn new(name: String, dtype: DType, shape: Vec<usize>, len: usize, make: Make<'m>) -> Self {
+        Entry { name, dtype: st_dtype(dtype), shape, len, make }
+    }
+}
+
+/// How an [`Entry`]'s bytes are made from the source's.
+#[derive(Clone, Copy)]
+enum Make<'m> {
+    /// The source's bytes as they are.
+    Keep(&'m [u8]),
+    /// Cast from `from` to `to`, value by value.
+    Cast { from: DType, bytes: &'m [u8], to: DType },
+    /// The quants (`scales: false`) or the scales of a `[rows, cols]`
+    /// matrix's Q8_0 blocks.
+    Q8 { from: DType, bytes: &'m [u8], rows: usize, cols: usize, scales: bool },
 }
 
 fn st_dtype(d: DType) -> safetensors::Dtype {
@@ -125,7 +146,10 @@ pub fn convert_model(model: &LoadedModel, out: &Path, target: Target, force: boo
     let store = model.tensors();
     let mut names: Vec<&str> = store.names().collect();
     names.sort_unstable();
-    let mut tensors: Vec<(String, Out)> = Vec::with_capacity(names.len() + 8);
+    // First the plan (names, dtypes, shapes: the header), then one tensor
+    // at a time made and written: a copy never holds more than the
+    // largest tensor, however large the model.
+    let mut entries: Vec<Entry<'_>> = Vec::with_capacity(names.len() + 8);
     let mut sum = Summary { converted: 0, skipped: vec![], kept: 0, bytes_in: 0, bytes_out: 0 };
     for name in names {
         let t = store.get(name)?;
@@ -133,51 +157,67 @@ pub fn convert_model(model: &LoadedModel, out: &Path, target: Target, force: boo
             return Err(Error::Input(format!("{}: tensor `{name}` is already Q8_0", model.dir.display())));
         }
         sum.bytes_in += t.bytes.len();
+        let n: usize = t.shape.iter().product();
         let matrix = QUANTIZED.iter().any(|s| name.ends_with(s)) && t.shape.len() == 2;
         match target {
             Target::Q8_0 if matrix && t.shape[1] % Q8_BLOCK == 0 => {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
-                let w = Tensor::from_bytes(t.dtype, t.bytes, rows, cols, "weight to quantize")?;
-                let (q, d) = quantize_q8_0(&w)?;
-                let scale = Out {
-                    dtype: safetensors::Dtype::F16,
-                    shape: vec![rows, cols / Q8_BLOCK],
-                    bytes: bytemuck::cast_slice(&d).to_vec(),
-                };
-                tensors.push((format!("{name}{Q8_SCALE_SUFFIX}"), scale));
-                let quants = Out {
-                    dtype: safetensors::Dtype::I8,
-                    shape: t.shape.to_vec(),
-                    bytes: q.iter().map(|&x| x as u8).collect(),
-                };
-                tensors.push((name.to_string(), quants));
+                let q8 = |scales| Make::Q8 { from: t.dtype, bytes: t.bytes, rows, cols, scales };
+                entries.push(Entry::new(name.to_string(), DType::Q8_0, t.shape.to_vec(), n, q8(false)));
+                let shape = vec![rows, cols / Q8_BLOCK];
+                let len = n / Q8_BLOCK * 2;
+                entries.push(Entry::new(
+                    format!("{name}{Q8_SCALE_SUFFIX}"),
+                    DType::F16,
+                    shape,
+                    len,
+                    q8(true),
+                ));
                 sum.converted += 1;
             }
             Target::Float(to) if to != t.dtype => {
-                let n = t.shape.iter().product();
-                let bytes = cast(name, t.dtype, t.bytes, n, to)?;
-                tensors.push((name.to_string(), Out { dtype: st_dtype(to), shape: t.shape.to_vec(), bytes }));
+                let make = Make::Cast { from: t.dtype, bytes: t.bytes, to };
+                entries.push(Entry::new(name.to_string(), to, t.shape.to_vec(), n * to.size(), make));
                 sum.converted += 1;
             }
             _ => {
                 if matrix && target == Target::Q8_0 {
                     sum.skipped.push(name.to_string());
                 }
-                let kept = Out { dtype: st_dtype(t.dtype), shape: t.shape.to_vec(), bytes: t.bytes.to_vec() };
-                tensors.push((name.to_string(), kept));
+                let make = Make::Keep(t.bytes);
+                entries.push(Entry::new(name.to_string(), t.dtype, t.shape.to_vec(), t.bytes.len(), make));
                 sum.kept += 1;
             }
         }
     }
-    sum.bytes_out = tensors.iter().map(|(_, t)| t.bytes.len()).sum();
+    sum.bytes_out = entries.iter().map(|e| e.len).sum();
 
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    // The weights go to a file of their own name first: a tensor that
+    // cannot be cast (or quantized) halfway through leaves nothing behind,
+    // and a model already in `out` (`force`) stays whole until then.
+    let partial = out.join("model.safetensors.partial");
+    let written = write_copy(model, out, target, &entries, &sum.skipped, &partial);
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written.map(|()| sum)
+}
+
+/// [`convert_model`]'s writing: the weights into `partial`, the side
+/// files and config.json, then `partial` renamed into place.
+fn write_copy(
+    model: &LoadedModel,
+    out: &Path,
+    target: Target,
+    entries: &[Entry<'_>],
+    skipped: &[String],
+    partial: &Path,
+) -> Result<()> {
+    let mut scales: HashMap<String, Vec<u8>> = HashMap::new();
+    write_aligned(entries, &meta(target), partial, |e| make(e, &mut scales))?;
     copy_side_files(&model.dir, out, &card(&model.dir, target))?;
     let mut cfg = read_json_object(&model.dir.join("config.json"))?;
-    let mut meta = HashMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("converted_by".to_string(), format!("mamba-rs {}", env!("CARGO_PKG_VERSION"))),
-    ]);
     match target {
         Target::Q8_0 => {
             cfg.insert(
@@ -188,10 +228,9 @@ pub fn convert_model(model: &LoadedModel, out: &Path, target: Target, force: boo
                     "group_size": Q8_BLOCK,
                     "scale_dtype": "float16",
                     "scale_suffix": Q8_SCALE_SUFFIX,
-                    "modules_not_converted": sum.skipped,
+                    "modules_not_converted": skipped,
                 }),
             );
-            meta.insert("quantization".into(), Q8_0_METHOD.into());
         }
         Target::Float(to) => set_dtype(&mut cfg, to),
         Target::AsStored => {}
@@ -199,8 +238,42 @@ pub fn convert_model(model: &LoadedModel, out: &Path, target: Target, force: boo
     let cfg_path = out.join("config.json");
     let text = serde_json::to_string_pretty(&Value::Object(cfg)).map_err(|e| Error::Input(e.to_string()))?;
     std::fs::write(&cfg_path, text + "\n").map_err(|e| Error::io(&cfg_path, e))?;
-    write_aligned(&tensors, &meta, &out.join("model.safetensors"))?;
-    Ok(sum)
+    let path = out.join("model.safetensors");
+    std::fs::rename(partial, &path).map_err(|e| Error::io(&path, e))
+}
+
+/// The safetensors metadata of a copy made for `target`.
+fn meta(target: Target) -> HashMap<String, String> {
+    let mut meta = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("converted_by".to_string(), format!("mamba-rs {}", env!("CARGO_PKG_VERSION"))),
+    ]);
+    if target == Target::Q8_0 {
+        meta.insert("quantization".into(), Q8_0_METHOD.into());
+    }
+    meta
+}
+
+/// `e`'s bytes. A matrix is quantized once: the scales made with its
+/// quants wait in `scales` (under the scales' name) until they are written.
+fn make(e: &Entry<'_>, scales: &mut HashMap<String, Vec<u8>>) -> Result<Vec<u8>> {
+    match e.make {
+        Make::Keep(bytes) => Ok(bytes.to_vec()),
+        Make::Cast { from, bytes, to } => cast(&e.name, from, bytes, e.shape.iter().product(), to),
+        Make::Q8 { scales: true, .. } if scales.contains_key(&e.name) => {
+            Ok(scales.remove(&e.name).unwrap_or_default())
+        }
+        Make::Q8 { from, bytes, rows, cols, scales: want_scales } => {
+            let w = Tensor::from_bytes(from, bytes, rows, cols, "weight to quantize")?;
+            let (q, d) = quantize_q8_0(&w)?;
+            let d: Vec<u8> = bytemuck::cast_slice(&d).to_vec();
+            if want_scales {
+                return Ok(d);
+            }
+            scales.insert(format!("{}{Q8_SCALE_SUFFIX}", e.name), d);
+            Ok(q.into_iter().map(|x| x as u8).collect())
+        }
+    }
 }
 
 /// Name `to` as the model's dtype: in `torch_dtype` (and in transformers
@@ -245,17 +318,24 @@ pub const TENSOR_ALIGN: usize = 64;
 /// cache lines come first. Products over weights that start mid-line load
 /// every other vector across two lines (criterion, Q8_0: 7-15% slower);
 /// `serialize_to_file` aligns to 8 only.
-fn write_aligned(tensors: &[(String, Out)], meta: &HashMap<String, String>, path: &Path) -> Result<()> {
-    let odd = |t: &Out| !t.bytes.len().is_multiple_of(TENSOR_ALIGN);
-    let mut order: Vec<&(String, Out)> = tensors.iter().collect();
-    order.sort_by(|(a, s), (b, t)| (odd(s), a).cmp(&(odd(t), b)));
+fn write_aligned<'m>(
+    entries: &[Entry<'m>],
+    meta: &HashMap<String, String>,
+    path: &Path,
+    mut bytes: impl FnMut(&Entry<'m>) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let odd = |e: &Entry<'_>| !e.len.is_multiple_of(TENSOR_ALIGN);
+    let mut order: Vec<&Entry<'_>> = entries.iter().collect();
+    order.sort_by(|a, b| (odd(a), &a.name).cmp(&(odd(b), &b.name)));
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!(meta));
     let mut offset = 0;
-    for (name, t) in &order {
-        let end = offset + t.bytes.len();
-        header
-            .insert(name.clone(), json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, end]}));
+    for e in &order {
+        let end = offset + e.len;
+        header.insert(
+            e.name.clone(),
+            json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, end]}),
+        );
         offset = end;
     }
     let mut text = Value::Object(header).to_string().into_bytes();
@@ -265,8 +345,17 @@ fn write_aligned(tensors: &[(String, Out)], meta: &HashMap<String, String>, path
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
     f.write_all(&(text.len() as u64).to_le_bytes()).map_err(io)?;
     f.write_all(&text).map_err(io)?;
-    for (_, t) in &order {
-        f.write_all(&t.bytes).map_err(io)?;
+    for e in &order {
+        let b = bytes(e)?;
+        if b.len() != e.len {
+            return Err(Error::Input(format!(
+                "tensor `{}`: made {} bytes, planned {}",
+                e.name,
+                b.len(),
+                e.len
+            )));
+        }
+        f.write_all(&b).map_err(io)?;
     }
     f.flush().map_err(io)
 }
@@ -319,22 +408,33 @@ mod tests {
     #[test]
     fn written_tensors_start_on_cache_lines_and_read_back() {
         use safetensors::Dtype;
-        let out = |dtype, shape: Vec<usize>, n: usize| Out {
+        let data: Vec<Vec<u8>> =
+            [30usize, 128, 256, 7].iter().map(|&n| (0..n).map(|i| i as u8).collect()).collect();
+        let entry = |name: &str, dtype, shape: Vec<usize>, bytes: &'static [u8]| Entry {
+            name: name.to_string(),
             dtype,
             shape,
-            bytes: (0..n).map(|i| i as u8).collect(),
+            len: bytes.len(),
+            make: Make::Keep(bytes),
         };
+        let data: &'static [Vec<u8>] = Vec::leak(data);
         // An odd-sized tensor first by name: it must go last.
         let tensors = vec![
-            ("a.odd".to_string(), out(Dtype::F16, vec![3, 5], 30)),
-            ("b.q".to_string(), out(Dtype::I8, vec![2, 64], 128)),
-            ("c.scale".to_string(), out(Dtype::F16, vec![2, 64], 256)),
-            ("d.tail".to_string(), out(Dtype::I8, vec![7], 7)),
+            entry("a.odd", Dtype::F16, vec![3, 5], &data[0]),
+            entry("b.q", Dtype::I8, vec![2, 64], &data[1]),
+            entry("c.scale", Dtype::F16, vec![2, 64], &data[2]),
+            entry("d.tail", Dtype::I8, vec![7], &data[3]),
         ];
         let meta = HashMap::from([("quantization".to_string(), "q8_0".to_string())]);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
-        write_aligned(&tensors, &meta, &path).unwrap();
+        let mut none = HashMap::new();
+        write_aligned(&tensors, &meta, &path, |e| make(e, &mut none)).unwrap();
+        // A tensor whose bytes do not come out as planned is an error.
+        let short = [Entry { len: 9, ..entry("x", Dtype::I8, vec![9], &data[3]) }];
+        let bad = dir.path().join("bad.safetensors");
+        let e = write_aligned(&short, &meta, &bad, |e| make(e, &mut none)).unwrap_err().to_string();
+        assert!(e.contains("`x`") && e.contains("planned 9"), "{e}");
         let bytes = std::fs::read(&path).unwrap();
         let (n, parsed) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         let data = 8 + n;
@@ -344,12 +444,13 @@ mod tests {
             Some("q8_0")
         );
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        for (name, t) in &tensors {
+        for t in &tensors {
+            let (name, Make::Keep(want)) = (&t.name, t.make) else { unreachable!() };
             let v = st.tensor(name).unwrap();
-            assert_eq!((v.dtype(), v.shape(), v.data()), (t.dtype, &t.shape[..], &t.bytes[..]), "{name}");
+            assert_eq!((v.dtype(), v.shape(), v.data()), (t.dtype, &t.shape[..], want), "{name}");
             let at = v.data().as_ptr() as usize - bytes.as_ptr() as usize;
             // The whole-line tensors, then the first odd one, start on a line.
-            let on_line = t.bytes.len().is_multiple_of(TENSOR_ALIGN) || name == "a.odd";
+            let on_line = t.len.is_multiple_of(TENSOR_ALIGN) || name == "a.odd";
             assert_eq!(at.is_multiple_of(TENSOR_ALIGN), on_line, "{name} at {at}");
         }
     }

@@ -102,3 +102,36 @@ fn converting_refuses_q8_models_their_own_directory_and_overwrites() {
     let e = convert_model(&src, other.path(), Target::Float(DType::Q8_0), false).unwrap_err().to_string();
     assert!(e.contains("quantize"), "{e}");
 }
+
+#[test]
+fn a_cast_that_fails_halfway_leaves_the_model_already_there_whole() {
+    let t = Truth::load("hf_f32_tied");
+    let src = LoadedModel::load(t.dir_str()).unwrap();
+    // A copy of the fixture with one value past f16's range, in a tensor
+    // written after others.
+    let bad = tempfile::tempdir().unwrap();
+    convert_model(&src, bad.path(), Target::AsStored, false).unwrap();
+    let file = bad.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let name = "backbone.norm_f.weight";
+    let at = {
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensor(name).unwrap().data().as_ptr() as usize - bytes.as_ptr() as usize
+    };
+    bytes[at..at + 4].copy_from_slice(&1e6f32.to_le_bytes());
+    std::fs::write(&file, &bytes).unwrap();
+    let bad = LoadedModel::load_dir(bad.path()).unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    convert_model(&src, out.path(), Target::Float(DType::BF16), false).unwrap();
+    let before = std::fs::read(out.path().join("model.safetensors")).unwrap();
+    let e = convert_model(&bad, out.path(), Target::Float(DType::F16), true).unwrap_err().to_string();
+    assert!(e.contains(name) && e.contains("f16's range"), "{e}");
+    assert_eq!(
+        std::fs::read(out.path().join("model.safetensors")).unwrap(),
+        before,
+        "the bf16 copy is untouched"
+    );
+    assert!(!out.path().join("model.safetensors.partial").exists(), "no partial file left");
+    LoadedModel::load_dir(out.path()).unwrap();
+}

@@ -10,6 +10,7 @@
 //! safetensors, either layout) comes out as one `model.safetensors` under
 //! the source's own tensor names, with its config and tokenizer files.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
@@ -256,22 +257,24 @@ fn meta(target: Target) -> HashMap<String, String> {
 
 /// `e`'s bytes. A matrix is quantized once: the scales made with its
 /// quants wait in `scales` (under the scales' name) until they are written.
-fn make(e: &Entry<'_>, scales: &mut HashMap<String, Vec<u8>>) -> Result<Vec<u8>> {
+fn make<'m>(e: &Entry<'m>, scales: &mut HashMap<String, Vec<u8>>) -> Result<Cow<'m, [u8]>> {
     match e.make {
-        Make::Keep(bytes) => Ok(bytes.to_vec()),
-        Make::Cast { from, bytes, to } => cast(&e.name, from, bytes, e.shape.iter().product(), to),
-        Make::Q8 { scales: true, .. } if scales.contains_key(&e.name) => {
-            Ok(scales.remove(&e.name).unwrap_or_default())
+        Make::Keep(bytes) => Ok(Cow::Borrowed(bytes)),
+        Make::Cast { from, bytes, to } => {
+            Ok(cast(&e.name, from, bytes, e.shape.iter().product(), to)?.into())
         }
         Make::Q8 { from, bytes, rows, cols, scales: want_scales } => {
+            if let Some(d) = want_scales.then(|| scales.remove(&e.name)).flatten() {
+                return Ok(d.into());
+            }
             let w = Tensor::from_bytes(from, bytes, rows, cols, "weight to quantize")?;
             let (q, d) = quantize_q8_0(&w)?;
             let d: Vec<u8> = bytemuck::cast_slice(&d).to_vec();
             if want_scales {
-                return Ok(d);
+                return Ok(d.into());
             }
             scales.insert(format!("{}{Q8_SCALE_SUFFIX}", e.name), d);
-            Ok(q.into_iter().map(|x| x as u8).collect())
+            Ok(q.into_iter().map(|x| x as u8).collect::<Vec<u8>>().into())
         }
     }
 }
@@ -322,7 +325,7 @@ fn write_aligned<'m>(
     entries: &[Entry<'m>],
     meta: &HashMap<String, String>,
     path: &Path,
-    mut bytes: impl FnMut(&Entry<'m>) -> Result<Vec<u8>>,
+    mut bytes: impl FnMut(&Entry<'m>) -> Result<Cow<'m, [u8]>>,
 ) -> Result<()> {
     let odd = |e: &Entry<'_>| !e.len.is_multiple_of(TENSOR_ALIGN);
     let mut order: Vec<&Entry<'_>> = entries.iter().collect();

@@ -51,19 +51,23 @@ pub struct Summary {
     pub bytes_out: usize,
 }
 
-/// A tensor of the copy as its header names it: dtype, shape and length
-/// in bytes. Its bytes are made only when [`write_aligned`] writes it.
+/// A tensor of the copy as its header names it: dtype and shape. Its
+/// bytes are made only when [`write_aligned`] writes it.
 struct Entry<'m> {
     name: String,
     dtype: safetensors::Dtype,
     shape: Vec<usize>,
-    len: usize,
     make: Make<'m>,
 }
 
 impl<'m> Entry<'m> {
-    fn new(name: String, dtype: DType, shape: Vec<usize>, len: usize, make: Make<'m>) -> Self {
-        Entry { name, dtype: st_dtype(dtype), shape, len, make }
+    fn new(name: String, dtype: DType, shape: Vec<usize>, make: Make<'m>) -> Self {
+        Entry { name, dtype: st_dtype(dtype), shape, make }
+    }
+
+    /// Its length in bytes.
+    fn len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size()
     }
 }
 
@@ -158,27 +162,19 @@ pub fn convert_model(model: &LoadedModel, out: &Path, target: Target, force: boo
             return Err(Error::Input(format!("{}: tensor `{name}` is already Q8_0", model.dir.display())));
         }
         sum.bytes_in += t.bytes.len();
-        let n: usize = t.shape.iter().product();
         let matrix = QUANTIZED.iter().any(|s| name.ends_with(s)) && t.shape.len() == 2;
         match target {
             Target::Q8_0 if matrix && t.shape[1] % Q8_BLOCK == 0 => {
                 let (rows, cols) = (t.shape[0], t.shape[1]);
                 let q8 = |scales| Make::Q8 { from: t.dtype, bytes: t.bytes, rows, cols, scales };
-                entries.push(Entry::new(name.to_string(), DType::Q8_0, t.shape.to_vec(), n, q8(false)));
-                let shape = vec![rows, cols / Q8_BLOCK];
-                let len = n / Q8_BLOCK * 2;
-                entries.push(Entry::new(
-                    format!("{name}{Q8_SCALE_SUFFIX}"),
-                    DType::F16,
-                    shape,
-                    len,
-                    q8(true),
-                ));
+                entries.push(Entry::new(name.to_string(), DType::Q8_0, t.shape.to_vec(), q8(false)));
+                let (scales, shape) = (format!("{name}{Q8_SCALE_SUFFIX}"), vec![rows, cols / Q8_BLOCK]);
+                entries.push(Entry::new(scales, DType::F16, shape, q8(true)));
                 sum.converted += 1;
             }
             Target::Float(to) if to != t.dtype => {
                 let make = Make::Cast { from: t.dtype, bytes: t.bytes, to };
-                entries.push(Entry::new(name.to_string(), to, t.shape.to_vec(), n * to.size(), make));
+                entries.push(Entry::new(name.to_string(), to, t.shape.to_vec(), make));
                 sum.converted += 1;
             }
             _ => {
@@ -186,12 +182,12 @@ pub fn convert_model(model: &LoadedModel, out: &Path, target: Target, force: boo
                     sum.skipped.push(name.to_string());
                 }
                 let make = Make::Keep(t.bytes);
-                entries.push(Entry::new(name.to_string(), t.dtype, t.shape.to_vec(), t.bytes.len(), make));
+                entries.push(Entry::new(name.to_string(), t.dtype, t.shape.to_vec(), make));
                 sum.kept += 1;
             }
         }
     }
-    sum.bytes_out = entries.iter().map(|e| e.len).sum();
+    sum.bytes_out = entries.iter().map(Entry::len).sum();
 
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     // The weights go to a file of their own name first: a tensor that
@@ -327,14 +323,14 @@ fn write_aligned<'m>(
     path: &Path,
     mut bytes: impl FnMut(&Entry<'m>) -> Result<Cow<'m, [u8]>>,
 ) -> Result<()> {
-    let odd = |e: &Entry<'_>| !e.len.is_multiple_of(TENSOR_ALIGN);
+    let odd = |e: &Entry<'_>| !e.len().is_multiple_of(TENSOR_ALIGN);
     let mut order: Vec<&Entry<'_>> = entries.iter().collect();
     order.sort_by(|a, b| (odd(a), &a.name).cmp(&(odd(b), &b.name)));
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!(meta));
     let mut offset = 0;
     for e in &order {
-        let end = offset + e.len;
+        let end = offset + e.len();
         header.insert(
             e.name.clone(),
             json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, end]}),
@@ -350,12 +346,12 @@ fn write_aligned<'m>(
     f.write_all(&text).map_err(io)?;
     for e in &order {
         let b = bytes(e)?;
-        if b.len() != e.len {
+        if b.len() != e.len() {
             return Err(Error::Input(format!(
                 "tensor `{}`: made {} bytes, planned {}",
                 e.name,
                 b.len(),
-                e.len
+                e.len()
             )));
         }
         f.write_all(&b).map_err(io)?;
@@ -417,7 +413,6 @@ mod tests {
             name: name.to_string(),
             dtype,
             shape,
-            len: bytes.len(),
             make: Make::Keep(bytes),
         };
         let data: &'static [Vec<u8>] = Vec::leak(data);
@@ -434,7 +429,7 @@ mod tests {
         let mut none = HashMap::new();
         write_aligned(&tensors, &meta, &path, |e| make(e, &mut none)).unwrap();
         // A tensor whose bytes do not come out as planned is an error.
-        let short = [Entry { len: 9, ..entry("x", Dtype::I8, vec![9], &data[3]) }];
+        let short = [entry("x", Dtype::I8, vec![9], &data[3])];
         let bad = dir.path().join("bad.safetensors");
         let e = write_aligned(&short, &meta, &bad, |e| make(e, &mut none)).unwrap_err().to_string();
         assert!(e.contains("`x`") && e.contains("planned 9"), "{e}");
@@ -453,7 +448,7 @@ mod tests {
             assert_eq!((v.dtype(), v.shape(), v.data()), (t.dtype, &t.shape[..], want), "{name}");
             let at = v.data().as_ptr() as usize - bytes.as_ptr() as usize;
             // The whole-line tensors, then the first odd one, start on a line.
-            let on_line = t.len.is_multiple_of(TENSOR_ALIGN) || name == "a.odd";
+            let on_line = t.len().is_multiple_of(TENSOR_ALIGN) || name == "a.odd";
             assert_eq!(at.is_multiple_of(TENSOR_ALIGN), on_line, "{name} at {at}");
         }
     }

@@ -698,8 +698,9 @@ pub(crate) mod x86 {
     /// chain `q / 2`), each lane the same FMAs in the same order. On Zen 4
     /// a row read through 16-byte widening loads and 256-bit FMAs streams
     /// faster than through 512-bit ones (an isolated two-thread harness on
-    /// the 77 MB lm head, as a share of the bare read: bf16 0.92-0.95
-    /// against 0.80-0.89, f32 0.93-1.0 against 0.88-0.92).
+    /// the 77 MB lm head, as a share of the bare read, seven paired sets:
+    /// bf16 0.87-0.95 against 0.76-0.93, f32 0.93-1.04 against 0.88-0.96;
+    /// the README's "CPU speed").
     ///
     /// # Safety
     /// As [`tile`], for one row and one token.

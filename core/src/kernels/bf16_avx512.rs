@@ -12,7 +12,7 @@
 //!
 //! Each (row, token) pair keeps two 16-lane accumulators, for the even and
 //! the odd blocks of 32 along `k` (the last block masked, zeros past `k`),
-//! reduced as the float tiles reduce theirs ([`reduce_pairs`]). Every path
+//! reduced as the float tiles reduce theirs (`avx512::x86::reduce_pairs`). Every path
 //! (one row, tiles of any shape, `dot`) runs the same operations in the
 //! same order, so ragged = solo, threaded = sequential and prefill = step
 //! hold bit for bit, as for the float kernels.

@@ -138,6 +138,10 @@ pub struct BenchReport {
     pub read_gb_s: f64,
     /// The batch-1 decode bound that read rate sets: `read_gb_s / bytes per token`.
     pub decode_bound_tok_s: f64,
+    /// Batch 1: the share of the bound a decode step reaches, each of
+    /// `gen_tokens` more steps held against a read pass right after it
+    /// (median over the pairs; [`paired_bound_share`]).
+    pub decode_bound_share: Option<f64>,
     /// Time per op, when asked for ([`BenchConfig::profile`]).
     pub profile: Option<OpProfile>,
 }
@@ -177,22 +181,63 @@ pub(crate) fn data_bytes(d: WData<'_>) -> impl Iterator<Item = &[u8]> {
 /// bytes a decode step reads: the memory-bandwidth bound of batch-1 decode
 /// on this machine, measured now (median of three passes).
 pub fn read_rate_gb_s(model: &LoadedModel, par: &dyn Parallel) -> Result<f64> {
-    const PIECE: usize = 256 * 1024;
-    let weights = decode_weights(model)?;
-    let pieces: Vec<&[u8]> = weights.iter().flat_map(|w| w.chunks(PIECE)).collect();
-    let total: usize = pieces.iter().map(|p| p.len()).sum();
-    let sink = AtomicU64::new(0);
-    let times: Vec<Duration> = (0..3)
-        .map(|_| {
-            let t0 = Instant::now();
-            par.for_each_task(pieces.len(), &|i| {
-                sink.fetch_xor(fold_words(pieces[i]), Ordering::Relaxed);
-            });
-            t0.elapsed()
-        })
-        .collect();
-    std::hint::black_box(sink.load(Ordering::Relaxed));
-    Ok(per_sec(total as f64, median(times)) / 1e9)
+    let read = ReadPass::new(model)?;
+    let times: Vec<Duration> = (0..3).map(|_| read.time(par)).collect();
+    Ok(per_sec(read.total as f64, median(times)) / 1e9)
+}
+
+/// One streaming read of the bytes a decode step reads, in pieces over
+/// the pool's threads.
+struct ReadPass<'m> {
+    pieces: Vec<&'m [u8]>,
+    total: usize,
+}
+
+impl<'m> ReadPass<'m> {
+    fn new(model: &'m LoadedModel) -> Result<Self> {
+        const PIECE: usize = 256 * 1024;
+        let pieces: Vec<&[u8]> = decode_weights(model)?.into_iter().flat_map(|w| w.chunks(PIECE)).collect();
+        let total = pieces.iter().map(|p| p.len()).sum();
+        Ok(ReadPass { pieces, total })
+    }
+
+    fn time(&self, par: &dyn Parallel) -> Duration {
+        let sink = AtomicU64::new(0);
+        let t0 = Instant::now();
+        par.for_each_task(self.pieces.len(), &|i| {
+            sink.fetch_xor(fold_words(self.pieces[i]), Ordering::Relaxed);
+        });
+        let t = t0.elapsed();
+        std::hint::black_box(sink.load(Ordering::Relaxed));
+        t
+    }
+}
+
+/// Batch 1: `steps` decode steps of `session`'s slot 0 from token `next`,
+/// each followed by one [`ReadPass`]; the median over the pairs of read
+/// time / step time, the share of the bound a step reaches. The bandwidth
+/// of a shared machine drifts by a third within minutes (27-41 GB/s), so a
+/// bound read once, seconds from the timed steps, moves the share as much;
+/// paired, each step is held against a read of the same bytes made
+/// milliseconds after it.
+fn paired_bound_share(
+    session: &mut Session<'_>,
+    mut next: u32,
+    vocab: usize,
+    read: &ReadPass<'_>,
+    par: &dyn Parallel,
+    steps: usize,
+) -> Result<f64> {
+    let mut shares = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        let logits = session.step(&[next], &[0])?;
+        let step = t0.elapsed();
+        next = argmax(&logits[..vocab]) as u32;
+        shares.push(read.time(par).as_secs_f64() / step.as_secs_f64().max(1e-12));
+    }
+    shares.sort_by(f64::total_cmp);
+    Ok(shares.get(shares.len() / 2).copied().unwrap_or(0.0))
 }
 
 /// XOR of the bytes as 8-byte words: one cheap operation per load, so the
@@ -274,6 +319,12 @@ pub fn run(model: &LoadedModel, par: &dyn Parallel, cfg: &BenchConfig) -> Result
         times.push(t0.elapsed());
     }
     let decode = median(times);
+    let decode_bound_share = if cfg.batch == 1 && cfg.gen_tokens > 0 {
+        let read = ReadPass::new(model)?;
+        Some(paired_bound_share(&mut session, next[0], vocab, &read, par, cfg.gen_tokens)?)
+    } else {
+        None
+    };
     let profile =
         if cfg.profile { Some(profile_passes(&mut session, &seqs, &slots, cfg.gen_tokens)?) } else { None };
 
@@ -300,6 +351,7 @@ pub fn run(model: &LoadedModel, par: &dyn Parallel, cfg: &BenchConfig) -> Result
         state_bytes_per_seq: model.cfg.footprint().state_bytes_per_seq(),
         read_gb_s,
         decode_bound_tok_s: read_gb_s * 1e9 / bytes_per_step.max(1) as f64,
+        decode_bound_share,
         profile,
     })
 }
@@ -348,6 +400,7 @@ impl BenchReport {
             "state_bytes_per_seq": self.state_bytes_per_seq,
             "read_gb_s": self.read_gb_s,
             "decode_bound_tokens_per_s": self.decode_bound_tok_s,
+            "decode_bound_share_paired": self.decode_bound_share,
             "profile": self.profile.as_ref().map(OpProfile::to_json),
         })
     }
@@ -355,7 +408,7 @@ impl BenchReport {
     /// The column names of [`table_line`](Self::table_line).
     pub fn table_header() -> String {
         format!(
-            "{:<24} {:>5} {:>3} {:>6} {:>5} {:>5} {:>12} {:>11} {:>11} {:>9} {:>10} {:>10} {:>9}",
+            "{:<24} {:>5} {:>3} {:>6} {:>5} {:>5} {:>12} {:>11} {:>11} {:>9} {:>10} {:>6} {:>10} {:>9}",
             "model",
             "dtype",
             "thr",
@@ -367,6 +420,7 @@ impl BenchReport {
             "decode GB/s",
             "read GB/s",
             "bound t/s",
+            "paired",
             "weights MB",
             "state KiB"
         )
@@ -375,7 +429,7 @@ impl BenchReport {
     /// One row: the setup, both speeds and the sizes.
     pub fn table_line(&self) -> String {
         format!(
-            "{:<24} {:>5} {:>3} {:>6} {:>5} {:>5} {:>12.1} {:>11.2} {:>11.2} {:>9.2} {:>10.1} {:>10.1} {:>9.1}",
+            "{:<24} {:>5} {:>3} {:>6} {:>5} {:>5} {:>12.1} {:>11.2} {:>11.2} {:>9.2} {:>10.1} {:>6} {:>10.1} {:>9.1}",
             self.model,
             self.dtype,
             self.threads,
@@ -387,6 +441,7 @@ impl BenchReport {
             self.decode_gb_s,
             self.read_gb_s,
             self.decode_bound_tok_s,
+            self.decode_bound_share.map_or("-".to_string(), |s| format!("{s:.3}")),
             self.weight_bytes as f64 / 1e6,
             self.state_bytes_per_seq as f64 / 1024.0
         )
@@ -431,6 +486,17 @@ mod tests {
             assert!(r.read_gb_s > 0.0);
             let bound = r.read_gb_s * 1e9 / r.decode_bytes_per_token as f64;
             assert!((r.decode_bound_tok_s - bound).abs() <= 1e-9 * bound);
+            // Steps paired with read passes are a batch-1 measure.
+            assert_eq!(
+                (r.decode_bound_share, &j["decode_bound_share_paired"]),
+                (None, &serde_json::Value::Null)
+            );
+            let one = run(&m, &Sequential, &BenchConfig { batch: 1, ..cfg }).unwrap();
+            let share = one.decode_bound_share.unwrap();
+            assert!(share.is_finite() && share > 0.0, "{share}");
+            assert_eq!(one.to_json()["decode_bound_share_paired"].as_f64(), Some(share));
+            assert!(one.table_line().contains(&format!("{share:.3}")));
+            assert!(r.table_line().split_whitespace().any(|c| c == "-"));
         }
     }
 

@@ -272,6 +272,9 @@ fn bench_reports_one_json_line_per_batch_size() {
         assert!(line["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
         assert!(line["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
         assert_eq!(line["state_bytes_per_seq"], 2 * 48 * (3 + 16) * 4);
+        // Steps held against read passes: a batch-1 figure.
+        let share = &line["decode_bound_share_paired"];
+        assert_eq!(share.as_f64().is_some_and(|s| s > 0.0), batch == 1, "{share}");
     }
     assert!(err_text(&["bench", "--shape", "9000b"]).contains("130m"));
     assert!(err_text(&["bench", "-m", &model, "--batch", "0"]).contains("at least 1"));

@@ -140,19 +140,15 @@ pub struct BenchReport {
     pub decode_bound_tok_s: f64,
     /// Batch 1: the share of the bound a decode step reaches, each of
     /// `gen_tokens` more steps held against a read pass right after it
-    /// (median over the pairs; [`paired_bound_share`]).
+    /// (median over the pairs; `paired_bound_share`).
     pub decode_bound_share: Option<f64>,
     /// Time per op, when asked for ([`BenchConfig::profile`]).
     pub profile: Option<OpProfile>,
 }
 
-/// Weight bytes a decode step reads at batch 1 (see [`BenchReport::decode_bytes_per_token`]).
-pub fn decode_bytes_per_token(model: &LoadedModel) -> Result<usize> {
-    Ok(decode_weights(model)?.iter().map(|b| b.len()).sum())
-}
-
-/// The bytes of every weight a decode step reads (the lookup row, untied,
-/// is left out: a few KB that [`decode_bytes_per_token`] adds back).
+/// The bytes of every weight a decode step reads at batch 1: every layer,
+/// norm_f, the lm head and, untied, one embedding row (the lookup); their
+/// sum is [`BenchReport::decode_bytes_per_token`].
 fn decode_weights(model: &LoadedModel) -> Result<Vec<&[u8]>> {
     let v = model.view()?;
     let m = v.model();
@@ -181,9 +177,7 @@ pub(crate) fn data_bytes(d: WData<'_>) -> impl Iterator<Item = &[u8]> {
 /// bytes a decode step reads: the memory-bandwidth bound of batch-1 decode
 /// on this machine, measured now (median of three passes).
 pub fn read_rate_gb_s(model: &LoadedModel, par: &dyn Parallel) -> Result<f64> {
-    let read = ReadPass::new(model)?;
-    let times: Vec<Duration> = (0..3).map(|_| read.time(par)).collect();
-    Ok(per_sec(read.total as f64, median(times)) / 1e9)
+    Ok(ReadPass::new(model)?.rate_gb_s(par))
 }
 
 /// One streaming read of the bytes a decode step reads, in pieces over
@@ -210,6 +204,12 @@ impl<'m> ReadPass<'m> {
         let t = t0.elapsed();
         std::hint::black_box(sink.load(Ordering::Relaxed));
         t
+    }
+
+    /// [`read_rate_gb_s`] over these pieces.
+    fn rate_gb_s(&self, par: &dyn Parallel) -> f64 {
+        let times: Vec<Duration> = (0..3).map(|_| self.time(par)).collect();
+        per_sec(self.total as f64, median(times)) / 1e9
     }
 }
 
@@ -319,8 +319,9 @@ pub fn run(model: &LoadedModel, par: &dyn Parallel, cfg: &BenchConfig) -> Result
         times.push(t0.elapsed());
     }
     let decode = median(times);
+    // The bytes a step reads, gathered once for the paired steps and the bound.
+    let read = ReadPass::new(model)?;
     let decode_bound_share = if cfg.batch == 1 && cfg.gen_tokens > 0 {
-        let read = ReadPass::new(model)?;
         Some(paired_bound_share(&mut session, next[0], vocab, &read, par, cfg.gen_tokens)?)
     } else {
         None
@@ -328,8 +329,8 @@ pub fn run(model: &LoadedModel, par: &dyn Parallel, cfg: &BenchConfig) -> Result
     let profile =
         if cfg.profile { Some(profile_passes(&mut session, &seqs, &slots, cfg.gen_tokens)?) } else { None };
 
-    let bytes_per_step = decode_bytes_per_token(model)?;
-    let read_gb_s = read_rate_gb_s(model, par)?;
+    let bytes_per_step = read.total;
+    let read_gb_s = read.rate_gb_s(par);
     let (decode_tok_s, decode_gb_s) = if cfg.gen_tokens == 0 {
         (0.0, 0.0)
     } else {

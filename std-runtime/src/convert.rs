@@ -308,7 +308,7 @@ fn card(src: &Path, target: Target) -> String {
     format!("# {title} of `{}`\n\nMade by `mamba-rs` {}: {what}.\n", src.display(), env!("CARGO_PKG_VERSION"))
 }
 
-/// Where a tensor's bytes start in the files [`write_aligned`] makes.
+/// Where a tensor's bytes start in the files `write_aligned` makes.
 pub const TENSOR_ALIGN: usize = 64;
 
 /// A safetensors file whose tensors start on [`TENSOR_ALIGN`] bytes (a

@@ -253,6 +253,9 @@ fn meta(target: Target) -> HashMap<String, String> {
 
 /// `e`'s bytes. A matrix is quantized once: the scales made with its
 /// quants wait in `scales` (under the scales' name) until they are written.
+/// `write_aligned`'s order always puts the quants first (`x` sorts before
+/// `x_scale`, and scales fill whole lines only when their quants do); scales
+/// met first would be made from a quantization of their own, the same bytes.
 fn make<'m>(e: &Entry<'m>, scales: &mut HashMap<String, Vec<u8>>) -> Result<Cow<'m, [u8]>> {
     match e.make {
         Make::Keep(bytes) => Ok(Cow::Borrowed(bytes)),

@@ -1,4 +1,4 @@
-//! Buffers that start on a cache line.
+//! Buffers that start on a cache line, large ones on 2 MiB pages.
 
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
@@ -7,27 +7,66 @@ use bytemuck::Pod;
 
 /// Bytes in a cache line.
 const LINE: usize = 64;
+/// Bytes in a transparent huge page (x86-64, and aarch64 with 4 KiB pages).
+pub const HUGE_PAGE: usize = 2 << 20;
 
 /// A zeroed buffer of `T` (f32 unless said) whose first value starts a
 /// cache line. A `Vec<f32>` of a few kilobytes or more starts 16 bytes into
 /// one (the allocator's header), so every 16-wide load of a row straddled
 /// two lines; rows of a multiple of 64 bytes now each start a line.
 ///
-/// The values sit a few words into a `Vec<u64>` of zeros from the allocator
-/// (`calloc`): like `vec![0.0; n]`, its pages are only backed by memory once
-/// touched (a server's unused state slots cost nothing), which an
-/// over-aligned allocation, zeroed by writing, would lose.
+/// Buffers of [`HUGE_PAGE`] bytes or more start a 2 MiB page, and on Linux
+/// their whole 2 MiB pages are asked to be transparent huge pages
+/// (`MADV_HUGEPAGE`: systems that set THP to `madvise`, the common default,
+/// give them only when asked). On 4 KiB pages a stream of weights crosses a
+/// page, and so a TLB entry and the end of the hardware prefetchers' reach,
+/// every 64 lines. Measured on synthetic 130m weights (Zen 4, 2 threads,
+/// medians of six runs alternated with 4 KiB pages), batch-1 decode ran
+/// 197 -> 227 tok/s in Q8_0, 117 -> 152 in bf16, 144 -> 179 in f16 and
+/// 85 -> 98 in f32. The
+/// tail past the last whole 2 MiB page keeps small pages, so no buffer is
+/// backed by more memory than it touches rounded up to its 2 MiB pages.
+///
+/// The values are zeros the kernel maps on first touch (`calloc`'s large
+/// blocks, or an anonymous mapping for the large ones): like `vec![0.0; n]`,
+/// pages are only backed by memory once touched (a server's unused state
+/// slots cost nothing), which an over-aligned allocation, zeroed by
+/// writing, would lose.
 pub struct LineBuf<T: Pod = f32> {
-    words: Vec<u64>,
-    /// The first word on a cache line.
+    words: Words,
+    /// The first word on a cache line (on a 2 MiB page for [`Words::Huge`]).
     start: usize,
     len: usize,
     _t: PhantomData<T>,
 }
 
+/// Where a [`LineBuf`]'s words live.
+enum Words {
+    Heap(Vec<u64>),
+    /// An anonymous mapping, 2 MiB larger than the words, so that they can start a huge page.
+    Huge(memmap2::MmapMut),
+}
+
+impl Words {
+    fn all(&self) -> &[u64] {
+        match self {
+            Words::Heap(v) => v,
+            // A mapping starts a page: aligned for u64, a whole number of words.
+            Words::Huge(m) => bytemuck::cast_slice(m),
+        }
+    }
+
+    fn all_mut(&mut self) -> &mut [u64] {
+        match self {
+            Words::Heap(v) => v,
+            Words::Huge(m) => bytemuck::cast_slice_mut(m),
+        }
+    }
+}
+
 impl<T: Pod> Default for LineBuf<T> {
     fn default() -> Self {
-        LineBuf { words: Vec::new(), start: 0, len: 0, _t: PhantomData }
+        LineBuf { words: Words::Heap(Vec::new()), start: 0, len: 0, _t: PhantomData }
     }
 }
 
@@ -45,9 +84,16 @@ impl<T: Pod> LineBuf<T> {
     pub fn grow(&mut self, len: usize) {
         const { assert!(align_of::<T>() <= 8 && 8 % size_of::<T>() == 0, "LineBuf holds types that tile a u64") };
         if len > self.len {
-            self.words = Vec::new();
-            self.words = vec![0u64; Self::words_for(len) + LINE / 8 - 1];
-            self.start = (LINE - self.words.as_ptr() as usize % LINE) % LINE / 8;
+            self.words = Words::Heap(Vec::new());
+            let n = Self::words_for(len);
+            (self.words, self.start) = match huge(n * 8) {
+                Some(at) => at,
+                None => {
+                    let v = vec![0u64; n + LINE / 8 - 1];
+                    let start = (LINE - v.as_ptr() as usize % LINE) % LINE / 8;
+                    (Words::Heap(v), start)
+                }
+            };
             self.len = len;
         }
     }
@@ -57,10 +103,27 @@ impl<T: Pod> LineBuf<T> {
     }
 }
 
+/// `bytes` of zeros starting a 2 MiB page, their whole 2 MiB pages advised
+/// huge, and the word they start at; `None` below [`HUGE_PAGE`], off Linux,
+/// or if the mapping fails (the heap then serves, as for small buffers).
+fn huge(bytes: usize) -> Option<(Words, usize)> {
+    if bytes < HUGE_PAGE || !cfg!(target_os = "linux") {
+        return None;
+    }
+    let map = memmap2::MmapMut::map_anon(bytes.checked_add(HUGE_PAGE)?).ok()?;
+    let skip = (HUGE_PAGE - map.as_ptr() as usize % HUGE_PAGE) % HUGE_PAGE;
+    #[cfg(target_os = "linux")]
+    {
+        // A hint: refused (a kernel without THP), the pages are small ones.
+        let _ = map.advise_range(memmap2::Advice::HugePage, skip, bytes / HUGE_PAGE * HUGE_PAGE);
+    }
+    Some((Words::Huge(map), skip / 8))
+}
+
 impl<T: Pod> Deref for LineBuf<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        let words = &self.words[self.start..self.start + Self::words_for(self.len)];
+        let words = &self.words.all()[self.start..self.start + Self::words_for(self.len)];
         &bytemuck::cast_slice(words)[..self.len]
     }
 }
@@ -68,14 +131,42 @@ impl<T: Pod> Deref for LineBuf<T> {
 impl<T: Pod> DerefMut for LineBuf<T> {
     fn deref_mut(&mut self) -> &mut [T] {
         let n = Self::words_for(self.len);
-        let words = &mut self.words[self.start..self.start + n];
+        let words = &mut self.words.all_mut()[self.start..self.start + n];
         &mut bytemuck::cast_slice_mut(words)[..self.len]
     }
 }
 
+/// Whether this kernel has transparent huge pages (so `MADV_HUGEPAGE` marks a mapping).
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn thp_kernel() -> bool {
+    std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists()
+}
+
+/// The `VmFlags` of this process's mapping that holds `p` (`hg`: asked for
+/// huge pages), from `/proc/self/smaps`.
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn vm_flags<T>(p: *const T) -> Option<String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let addr = p as usize;
+    let mut inside = false;
+    for line in smaps.lines() {
+        let range = line.split(' ').next().and_then(|r| r.split_once('-'));
+        if let Some((a, b)) = range
+            .and_then(|(a, b)| Some((usize::from_str_radix(a, 16).ok()?, usize::from_str_radix(b, 16).ok()?)))
+        {
+            inside = (a..b).contains(&addr);
+        } else if let Some(flags) = line.strip_prefix("VmFlags:").filter(|_| inside) {
+            return Some(flags.trim().to_string());
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
-    use super::LineBuf;
+    #[cfg(target_os = "linux")]
+    use super::{thp_kernel, vm_flags};
+    use super::{LineBuf, HUGE_PAGE};
 
     #[test]
     fn starts_a_cache_line_keeps_its_length_and_grows_zeroed() {
@@ -95,6 +186,42 @@ mod tests {
             let w = LineBuf::<u64>::zeroed(n);
             assert_eq!((w.len(), w.as_ptr() as usize % 64), (n, 0));
         }
+    }
+
+    #[test]
+    fn large_buffers_start_a_huge_page_and_ask_for_huge_pages() {
+        // Just under, at and over one 2 MiB page; and grown from small to large.
+        for bytes in [HUGE_PAGE - 64, HUGE_PAGE, 3 * HUGE_PAGE + 8] {
+            let b = LineBuf::<u8>::zeroed(bytes);
+            assert_eq!(b.len(), bytes);
+            let at = b.as_ptr() as usize;
+            assert_eq!(at % 64, 0);
+            assert!(b.iter().all(|&v| v == 0));
+            if bytes < HUGE_PAGE {
+                continue;
+            }
+            assert_eq!(at % HUGE_PAGE, 0, "{bytes} bytes do not start a 2 MiB page");
+            #[cfg(target_os = "linux")]
+            match thp_kernel() {
+                true => {
+                    let flags = vm_flags(b.as_ptr()).expect("the buffer's mapping in /proc/self/smaps");
+                    assert!(
+                        flags.split(' ').any(|f| f == "hg"),
+                        "no MADV_HUGEPAGE on {bytes} bytes: {flags}"
+                    );
+                }
+                false => {
+                    eprintln!("skipped the MADV_HUGEPAGE check: this kernel has no transparent huge pages")
+                }
+            }
+        }
+        let mut b = LineBuf::<f32>::zeroed(16);
+        b[3] = 2.0;
+        b.grow(HUGE_PAGE);
+        assert_eq!((b.len(), b.as_ptr() as usize % HUGE_PAGE), (HUGE_PAGE, 0));
+        assert!(b.iter().all(|&v| v == 0.0));
+        b[HUGE_PAGE - 1] = 1.0;
+        assert_eq!(b[HUGE_PAGE - 1], 1.0);
     }
 
     /// Resident bytes of this process.

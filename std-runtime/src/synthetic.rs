@@ -16,8 +16,9 @@
 //! f16 scale of bound / 127 per block) and the rest is f32. Values are a pure
 //! function of the seed (not of the thread count): the big matrices are
 //! filled in parallel, each chunk from its own generator seeded by the
-//! tensor's and the chunk's index, straight into the cache-line aligned words the
-//! [`TensorStore`] keeps (no copy).
+//! tensor's and the chunk's index, straight into the one buffer the
+//! [`TensorStore`] keeps (no copy): each tensor on a cache line, the buffer
+//! on huge pages as a mapped weight file would be ([`LineBuf`]).
 
 use std::path::PathBuf;
 
@@ -225,13 +226,13 @@ fn fill_uniform(words: &mut [u64], dtype: DType, n: usize, bound: f32, seed: u64
     });
 }
 
-fn make(spec: &Spec, dtype: DType, seed: u64) -> LineBuf<u64> {
+/// Fill `words` (the tensor's `ceil(bytes / 8)` words, zeros) with `spec`'s values in `dtype`.
+fn fill(spec: &Spec, dtype: DType, seed: u64, words: &mut [u64]) {
     let n: usize = spec.shape.iter().product();
-    let mut words = LineBuf::zeroed((n * dtype.size()).div_ceil(8));
     match spec.init {
-        Init::Uniform(bound) => fill_uniform(&mut words, dtype, n, bound, seed),
-        Init::Const(v) => fill_with(&mut words, dtype, n, |_| v),
-        Init::ALog { cols } => fill_with(&mut words, dtype, n, |i| ((i % cols + 1) as f32).ln()),
+        Init::Uniform(bound) => fill_uniform(words, dtype, n, bound, seed),
+        Init::Const(v) => fill_with(words, dtype, n, |_| v),
+        Init::ALog { cols } => fill_with(words, dtype, n, |i| ((i % cols + 1) as f32).ln()),
         Init::DtBias => {
             let mut rng = Rng::new(seed);
             let (lo, hi) = (1e-3f64.ln(), 1e-1f64.ln());
@@ -242,10 +243,9 @@ fn make(spec: &Spec, dtype: DType, seed: u64) -> LineBuf<u64> {
                     (dt + (-(-dt).exp_m1()).ln()) as f32
                 })
                 .collect();
-            fill_with(&mut words, dtype, n, |i| vals[i]);
+            fill_with(words, dtype, n, |i| vals[i]);
         }
     }
-    words
 }
 
 /// The tensors of `shape`, Hugging Face names, in load order.
@@ -282,10 +282,11 @@ fn specs(shape: &Shape) -> Vec<Spec> {
 /// Its `dir` is `synthetic:<name>` (used in messages only).
 pub fn synthetic_model(shape: &Shape, dtype: DType, seed: u64) -> Result<LoadedModel> {
     let origin = PathBuf::from(format!("synthetic:{}", shape.name));
-    let tensors: Vec<(String, DType, Vec<usize>, LineBuf<u64>)> = specs(shape)
-        .into_par_iter()
+    // (tensor, its dtype, its generator's seed), in load order.
+    let tensors: Vec<(Spec, DType, u64)> = specs(shape)
+        .into_iter()
         .enumerate()
-        .flat_map_iter(|(i, s)| {
+        .flat_map(|(i, s)| {
             let seed = mix(seed, i as u64);
             match (dtype, &s.init, &s.shape[..]) {
                 // Q8_0 for the matrices whose rows are whole blocks (the
@@ -296,22 +297,37 @@ pub fn synthetic_model(shape: &Shape, dtype: DType, seed: u64) -> Result<LoadedM
                         shape: vec![rows, cols / Q8_BLOCK],
                         init: Init::Const(bound / 127.0),
                     };
-                    let words = make(&s, DType::Q8_0, seed);
-                    let scale_words = make(&scale, DType::F16, 0);
-                    vec![
-                        (s.name, DType::Q8_0, s.shape, words),
-                        (scale.name, DType::F16, scale.shape, scale_words),
-                    ]
+                    vec![(s, DType::Q8_0, seed), (scale, DType::F16, 0)]
                 }
                 // The rest stays f32, as a quantized f32 checkpoint keeps it.
-                (DType::Q8_0, ..) => {
-                    vec![(s.name.clone(), DType::F32, s.shape.clone(), make(&s, DType::F32, seed))]
-                }
-                _ => vec![(s.name.clone(), dtype, s.shape.clone(), make(&s, dtype, seed))],
+                (DType::Q8_0, ..) => vec![(s, DType::F32, seed)],
+                _ => vec![(s, dtype, seed)],
             }
         })
         .collect();
-    let store = TensorStore::from_words(&origin, tensors)?;
+    // One buffer for all (a weight file's layout): its whole 2 MiB pages
+    // are huge ones, which a buffer a tensor would waste memory rounding
+    // up to. Each tensor starts a cache line.
+    const LINE_WORDS: usize = 8;
+    let words_of =
+        |(s, d, _): &(Spec, DType, u64)| (s.shape.iter().product::<usize>() * d.size()).div_ceil(8);
+    let mut starts = Vec::with_capacity(tensors.len());
+    let mut total = 0;
+    for t in &tensors {
+        starts.push(total);
+        total += words_of(t).next_multiple_of(LINE_WORDS);
+    }
+    let mut arena = LineBuf::<u64>::zeroed(total);
+    let mut parts = Vec::with_capacity(tensors.len());
+    let mut rest = &mut arena[..];
+    for t in &tensors {
+        let (part, tail) = rest.split_at_mut(words_of(t).next_multiple_of(LINE_WORDS));
+        parts.push(&mut part[..words_of(t)]);
+        rest = tail;
+    }
+    tensors.par_iter().zip(parts).for_each(|((s, d, seed), part)| fill(s, *d, *seed, part));
+    let entries = tensors.into_iter().zip(starts).map(|((s, d, _), at)| (s.name, d, s.shape, at)).collect();
+    let store = TensorStore::from_arena(&origin, arena, entries)?;
     LoadedModel::from_parts(&origin, shape.file_config(), store)
 }
 
@@ -433,6 +449,25 @@ mod tests {
         assert_eq!(m.parameter_count(), 129_135_360);
         assert_eq!(m.weight_bytes(), 2 * 129_135_360);
         assert_eq!((m.cfg.vocab_size, m.cfg.dt_rank, m.cfg.d_inner), (50280, 48, 1536));
+        {
+            // One arena, every tensor on a cache line, on pages asked to be huge.
+            let v = m.view().unwrap();
+            let model = v.model();
+            let at = |t: &mamba_core::Tensor<'_>| match t.data {
+                mamba_core::WData::BF16(d) => d.as_ptr(),
+                other => panic!("{:?} in a bf16 model", other.dtype()),
+            };
+            for l in model.layers {
+                for t in [&l.in_proj, &l.x_proj, &l.dt_proj, &l.out_proj, &l.conv_w] {
+                    assert_eq!(at(t) as usize % 64, 0, "a tensor off its cache line");
+                }
+            }
+            #[cfg(target_os = "linux")]
+            if crate::aligned::thp_kernel() {
+                let flags = crate::aligned::vm_flags(at(&model.embedding)).unwrap();
+                assert!(flags.split(' ').any(|f| f == "hg"), "weights without MADV_HUGEPAGE: {flags}");
+            }
+        }
         let par = Sequential;
         let mut s = Session::new(&m, &par, 2).unwrap();
         let out = s.prefill(&[&[1, 2, 3], &[4, 5]], &[0, 1], LogitsMode::Last).unwrap();

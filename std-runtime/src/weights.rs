@@ -123,6 +123,41 @@ impl TensorStore {
         Ok(store)
     }
 
+    /// A store over one buffer of words that holds every tensor, `(name,
+    /// dtype, shape, first word)`: a tensor's little-endian bytes start at
+    /// its word (on a cache line when the word is a multiple of 8) and are
+    /// kept where they are, without a copy.
+    pub fn from_arena(
+        origin: &Path,
+        words: LineBuf<u64>,
+        tensors: Vec<(String, DType, Vec<usize>, usize)>,
+    ) -> Result<Self> {
+        let mut store = TensorStore::empty(origin);
+        let size = words.len() * 8;
+        store.backings.push(Backing::Owned(words, size));
+        for (name, dtype, shape, word) in tensors {
+            let len = shape.iter().product::<usize>() * dtype.size();
+            if word * 8 + len > size {
+                return Err(Error::TensorShape {
+                    name,
+                    file: origin.to_path_buf(),
+                    expected: shape,
+                    got: vec![size.saturating_sub(word * 8) / dtype.size()],
+                });
+            }
+            let entry = Entry {
+                dtype: Ok(dtype),
+                shape,
+                backing: 0,
+                start: word * 8,
+                len,
+                file: origin.to_path_buf(),
+            };
+            store.entries.insert(name, entry);
+        }
+        Ok(store)
+    }
+
     fn empty(dir: &Path) -> Self {
         TensorStore { dir: dir.to_path_buf(), backings: vec![], entries: HashMap::new(), files: vec![] }
     }
@@ -331,4 +366,30 @@ fn lone_safetensors(dir: &Path) -> Result<Option<PathBuf>> {
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .collect();
     Ok(if found.len() == 1 { found.into_iter().next() } else { None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_arena_holds_its_tensors_in_place_and_refuses_one_past_its_end() {
+        let mut words = LineBuf::<u64>::zeroed(24);
+        words[8] = u64::from_le_bytes(*b"abcdefgh");
+        let at = words.as_ptr() as usize;
+        let tensors = vec![("a".into(), DType::F32, vec![2, 3], 0), ("b".into(), DType::BF16, vec![4], 8)];
+        let store = TensorStore::from_arena(Path::new("synthetic:t"), words, tensors).unwrap();
+        let b = store.get("b").unwrap();
+        assert_eq!((b.dtype, b.shape, b.bytes), (DType::BF16, &[4][..], &b"abcdefgh"[..]));
+        assert_eq!(b.bytes.as_ptr() as usize, at + 64, "copied, or not on its cache line");
+        assert_eq!(store.get("a").unwrap().bytes.len(), 24);
+
+        let past = vec![("c".into(), DType::F32, vec![5], 22)];
+        match TensorStore::from_arena(Path::new("synthetic:t"), LineBuf::zeroed(24), past) {
+            Err(Error::TensorShape { name, expected, got, .. }) => {
+                assert_eq!((name.as_str(), expected, got), ("c", vec![5], vec![4]))
+            }
+            other => panic!("expected a shape error, got {:?}", other.map(|_| ())),
+        }
+    }
 }

@@ -277,7 +277,16 @@ impl TensorStore {
 fn map_file(file: &File) -> std::io::Result<Mmap> {
     // SAFETY: the map is read-only; a checkpoint changed by another process
     // while we run is outside what any loader can defend against.
-    unsafe { Mmap::map(file) }
+    let map = unsafe { Mmap::map(file) }?;
+    // Ask for the file's pages in 2 MiB folios, mapped as huge pages (as
+    // `crate::aligned::LineBuf` does for owned weights). Read after the
+    // page cache was dropped, 130m-shaped files were PMD-mapped 0% -> 99%
+    // (Q8_0) and 2% -> 94% (bf16); batch-1 decode, six alternated runs:
+    // Q8_0 215 -> 230 tok/s, bf16 153 -> 168. A hint: a kernel without
+    // THP keeps small pages.
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(memmap2::Advice::HugePage);
+    Ok(map)
 }
 
 /// What is wrong with a safetensors file, in words, with the sizes that tell
@@ -391,5 +400,24 @@ mod tests {
             }
             other => panic!("expected a shape error, got {:?}", other.map(|_| ())),
         }
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn weight_files_are_mapped_asking_for_huge_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![0u8; 4 << 20];
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1 << 20], &data).unwrap();
+        safetensors::serialize_to_file([("w", view)], &None, &dir.path().join("model.safetensors")).unwrap();
+        let store = TensorStore::open(dir.path()).unwrap();
+        let w = store.get("w").unwrap();
+        if !crate::aligned::thp_kernel() {
+            eprintln!("skipped: this kernel has no transparent huge pages");
+            return;
+        }
+        let flags =
+            crate::aligned::vm_flags(w.bytes.as_ptr()).expect("the file's mapping in /proc/self/smaps");
+        assert!(flags.split(' ').any(|f| f == "hg"), "mapped without MADV_HUGEPAGE: {flags}");
     }
 }

@@ -31,11 +31,11 @@ pub struct LoadedModel {
     /// Stored bytes of one layer's A_log.
     a_log_bytes: usize,
     store: TensorStore,
-    /// `A = -exp(A_log)` per layer, `[d_inner * d_state]`, computed once.
-    a: Vec<LineBuf>,
-    /// dt_proj transposed per layer (see [`Transposed`]); empty where no
-    /// kernel reads it.
-    dt_proj_t: Vec<Transposed>,
+    /// `A = -exp(A_log)`, `[n_layer, d_inner * d_state]`, computed once
+    /// (one buffer: on huge pages, [`LineBuf`]).
+    a: LineBuf,
+    /// dt_proj transposed (see [`Transposed`]); empty where no kernel reads it.
+    dt_proj_t: Transposed,
     embedding_name: &'static str,
     lm_head: bool,
 }
@@ -106,42 +106,57 @@ fn view<'a>(
     Ok(Tensor::from_q8_bytes(t.bytes, scale.bytes, rows, cols, what)?)
 }
 
-/// dt_proj (`[d_inner, dt_rank]`) transposed in blocks of 64 channels
-/// ([`dt_avx512::blocked_at`]) in its dtype, for the AVX-512 dt_proj kernel
-/// (which the SIMD switch turns on before the model loads). A Q8_0 weight
-/// is not transposed (its blocks run along the rows).
-enum Transposed {
-    F32(LineBuf<f32>),
-    F16(LineBuf<half::f16>),
-    BF16(LineBuf<half::bf16>),
-    None,
+/// Every layer's dt_proj (`[d_inner, dt_rank]`) transposed in blocks of 64
+/// channels ([`dt_avx512::blocked_at`]) in its dtype, for the AVX-512
+/// dt_proj kernel (which the SIMD switch turns on before the model loads),
+/// in one buffer (on huge pages, as the weights: [`LineBuf`]). A Q8_0
+/// weight is not transposed (its blocks run along the rows).
+#[derive(Default)]
+struct Transposed {
+    words: LineBuf<u64>,
+    /// Per layer: the dtype and the first word (on a cache line), or `None`.
+    layers: Vec<Option<(DType, usize)>>,
 }
 
 impl Transposed {
-    fn of(t: &Tensor<'_>) -> Self {
-        fn flip<T: bytemuck::Pod>(v: &[T], di: usize, r: usize) -> LineBuf<T> {
-            let mut out = LineBuf::zeroed(dt_avx512::blocked_rows(di, r) * dt_avx512::BLOCK);
-            dt_avx512::to_blocked(v, di, r, &mut out);
-            out
+    fn of(dt_proj: &[Tensor<'_>]) -> Self {
+        const LINE_WORDS: usize = 8;
+        let size =
+            |t: &Tensor<'_>| dt_avx512::blocked_rows(t.rows, t.cols) * dt_avx512::BLOCK * t.dtype().size();
+        let mut layers = Vec::with_capacity(dt_proj.len());
+        let mut total = 0;
+        for t in dt_proj {
+            layers.push((t.dtype() != DType::Q8_0).then(|| (t.dtype(), total)));
+            if t.dtype() != DType::Q8_0 {
+                total += size(t).div_ceil(8).next_multiple_of(LINE_WORDS);
+            }
         }
-        match t.data {
-            WData::F32(v) => Transposed::F32(flip(v, t.rows, t.cols)),
-            WData::F16(v) => Transposed::F16(flip(v, t.rows, t.cols)),
-            WData::BF16(v) => Transposed::BF16(flip(v, t.rows, t.cols)),
-            WData::Q8_0 { .. } => Transposed::None,
+        let mut words = LineBuf::<u64>::zeroed(total);
+        fn flip<T: bytemuck::Pod>(v: &[T], di: usize, r: usize, out: &mut [u64]) {
+            let out = &mut bytemuck::cast_slice_mut::<u64, T>(out)
+                [..dt_avx512::blocked_rows(di, r) * dt_avx512::BLOCK];
+            dt_avx512::to_blocked(v, di, r, out);
         }
+        for (t, at) in dt_proj.iter().zip(&layers) {
+            let Some((_, w0)) = *at else { continue };
+            let out = &mut words[w0..w0 + size(t).div_ceil(8)];
+            match t.data {
+                WData::F32(v) => flip(v, t.rows, t.cols, out),
+                WData::F16(v) => flip(v, t.rows, t.cols, out),
+                WData::BF16(v) => flip(v, t.rows, t.cols, out),
+                WData::Q8_0 { .. } => {}
+            }
+        }
+        Transposed { words, layers }
     }
 
-    /// The view of the layout, for a `[d_inner, dt_rank]` dt_proj.
-    fn tensor(&self, d_inner: usize, dt_rank: usize) -> Result<Option<Tensor<'_>>> {
-        let data = match self {
-            Transposed::F32(v) => WData::F32(v),
-            Transposed::F16(v) => WData::F16(v),
-            Transposed::BF16(v) => WData::BF16(v),
-            Transposed::None => return Ok(None),
-        };
+    /// Layer `i`'s view of the layout, for a `[d_inner, dt_rank]` dt_proj.
+    fn tensor(&self, i: usize, d_inner: usize, dt_rank: usize) -> Result<Option<Tensor<'_>>> {
+        let Some(&Some((dtype, w0))) = self.layers.get(i) else { return Ok(None) };
         let rows = dt_avx512::blocked_rows(d_inner, dt_rank);
-        Ok(Some(Tensor::new(data, rows, dt_avx512::BLOCK, "dt_proj transposed")?))
+        let len = rows * dt_avx512::BLOCK * dtype.size();
+        let bytes = &bytemuck::cast_slice::<u64, u8>(&self.words[w0..])[..len];
+        Ok(Some(Tensor::from_bytes(dtype, bytes, rows, dt_avx512::BLOCK, "dt_proj transposed")?))
     }
 }
 
@@ -203,18 +218,22 @@ impl LoadedModel {
             };
             Error::Unsupported { path: dir.join("config.json"), msg }
         })?;
-        // No capacity from n_layer: a huge one in config.json fails on a missing layer, not an allocation.
-        let mut a = Vec::new();
-        let mut a_log_bytes = 0;
+        // No capacity from n_layer: a huge one in config.json fails on a
+        // missing layer, not an allocation (A's buffer is made once all are found).
+        let mut a_log = Vec::new();
         for i in 0..cfg.n_layer {
             let name = format!("backbone.layers.{i}.mixer.A_log");
             let t = view(&store, &name, &[cfg.d_inner, cfg.d_state], cfg.d_inner, cfg.d_state)?;
             t.expect_float("A_log")?;
-            let mut out = LineBuf::zeroed(cfg.d_inner * cfg.d_state);
-            a_from_a_log(t.data, &mut out);
-            a_log_bytes = t.nbytes();
-            a.push(out);
+            a_log.push(t);
         }
+        let a_log_bytes = a_log.last().map_or(0, Tensor::nbytes);
+        let per = cfg.d_inner * cfg.d_state;
+        let mut a = LineBuf::zeroed(cfg.n_layer * per);
+        for (t, out) in a_log.iter().zip(a.chunks_exact_mut(per.max(1))) {
+            a_from_a_log(t.data, out);
+        }
+        drop(a_log);
         let mut model = LoadedModel {
             dir: dir.to_path_buf(),
             file_config,
@@ -223,7 +242,7 @@ impl LoadedModel {
             a_log_bytes,
             store,
             a,
-            dt_proj_t: Vec::new(),
+            dt_proj_t: Transposed::default(),
             embedding_name,
             lm_head,
         };
@@ -233,8 +252,8 @@ impl LoadedModel {
         // The kernels are chosen before the weights are laid out for them.
         crate::cpu::init_simd();
         if mamba_core::kernels::simd::avx512_enabled() {
-            let dt_proj_t = view.layers.iter().map(|l| Transposed::of(&l.dt_proj)).collect();
-            model.dt_proj_t = dt_proj_t;
+            let dt_proj: Vec<Tensor<'_>> = view.layers.iter().map(|l| l.dt_proj).collect();
+            model.dt_proj_t = Transposed::of(&dt_proj);
         }
         Ok(model)
     }
@@ -276,9 +295,9 @@ impl LoadedModel {
                 conv_b: opt(&format!("{m}.conv1d.bias"), &[di], 1, di, c.use_conv_bias)?,
                 x_proj: t(&format!("{m}.x_proj.weight"), &[xp, di], xp, di)?,
                 dt_proj: t(&format!("{m}.dt_proj.weight"), &[di, r], di, r)?,
-                dt_proj_t: self.dt_proj_t.get(i).map(|w| w.tensor(di, r)).transpose()?.flatten(),
+                dt_proj_t: self.dt_proj_t.tensor(i, di, r)?,
                 dt_bias: t(&format!("{m}.dt_proj.bias"), &[di], 1, di)?,
-                a: Tensor::new(mamba_core::WData::F32(&self.a[i]), di, n, "A")?,
+                a: Tensor::new(mamba_core::WData::F32(&self.a[i * di * n..(i + 1) * di * n]), di, n, "A")?,
                 d: t(&format!("{m}.D"), &[di], 1, di)?,
                 out_proj: t(&format!("{m}.out_proj.weight"), &[dm, di], dm, di)?,
                 out_proj_bias: opt(&format!("{m}.out_proj.bias"), &[dm], 1, dm, c.use_bias)?,

@@ -15,20 +15,24 @@ pub const HUGE_PAGE: usize = 2 << 20;
 /// one (the allocator's header), so every 16-wide load of a row straddled
 /// two lines; rows of a multiple of 64 bytes now each start a line.
 ///
-/// Buffers of [`HUGE_PAGE`] bytes or more start a 2 MiB page, and on Linux
-/// their whole 2 MiB pages are asked to be transparent huge pages
-/// (`MADV_HUGEPAGE`: systems that set THP to `madvise`, the common default,
-/// give them only when asked). On 4 KiB pages a stream of weights crosses a
-/// page, and so a TLB entry and the end of the hardware prefetchers' reach,
-/// every 64 lines. Measured on synthetic 130m weights (Zen 4, 2 threads,
-/// medians of six runs alternated with 4 KiB pages), batch-1 decode ran
-/// 197 -> 227 tok/s in Q8_0, 117 -> 152 in bf16, 144 -> 179 in f16 and
-/// 85 -> 98 in f32. The
-/// tail past the last whole 2 MiB page keeps small pages, so no buffer is
-/// backed by more memory than it touches rounded up to its 2 MiB pages.
+/// Weights made with [`LineBuf::zeroed_huge`] (synthetic ones, copies,
+/// tables derived at load) start a 2 MiB page once they are [`HUGE_PAGE`]
+/// bytes or more, and on Linux their whole 2 MiB pages are asked to be
+/// transparent huge pages (`MADV_HUGEPAGE`: with THP set to `madvise`, the
+/// common default, a process gets them only by asking). On 4 KiB pages a
+/// stream of weights crosses a page, and so a TLB entry and the end of the
+/// hardware prefetchers' reach, every 64 lines. Measured on synthetic 130m
+/// weights (Zen 4, 2 threads, medians of six runs alternated with 4 KiB
+/// pages), batch-1 decode ran 197 -> 227 tok/s in Q8_0, 117 -> 152 in bf16,
+/// 144 -> 179 in f16 and 85 -> 98 in f32. The tail past the last whole
+/// 2 MiB page keeps small pages, so no buffer is backed beyond what it
+/// touches rounded up to its 2 MiB pages. States and scratch stay on small
+/// pages: a server's slots are then backed exactly as far as they are used,
+/// and at 64 sequences their scan and conv ran no faster on huge pages
+/// (within this machine's noise).
 ///
-/// The values are zeros the kernel maps on first touch (`calloc`'s large
-/// blocks, or an anonymous mapping for the large ones): like `vec![0.0; n]`,
+/// The values are zeros that the kernel backs on first touch (large
+/// `calloc` blocks and anonymous mappings alike): like `vec![0.0; n]`,
 /// pages are only backed by memory once touched (a server's unused state
 /// slots cost nothing), which an over-aligned allocation, zeroed by
 /// writing, would lose.
@@ -78,24 +82,37 @@ impl<T: Pod> LineBuf<T> {
         b
     }
 
+    /// `len` zeros for weights, which products stream: from [`HUGE_PAGE`]
+    /// bytes on, on huge pages (see the type's doc).
+    pub fn zeroed_huge(len: usize) -> Self {
+        let mut b = Self::default();
+        b.make(len, true);
+        b
+    }
+
     /// At least `len` values, never shrunk. Growing drops the contents
     /// (all zeros after): the old buffer is freed before the new one is
     /// made, so the two never add up at the peak.
     pub fn grow(&mut self, len: usize) {
-        const { assert!(align_of::<T>() <= 8 && 8 % size_of::<T>() == 0, "LineBuf holds types that tile a u64") };
         if len > self.len {
-            self.words = Words::Heap(Vec::new());
-            let n = Self::words_for(len);
-            (self.words, self.start) = match huge(n * 8) {
-                Some(at) => at,
-                None => {
-                    let v = vec![0u64; n + LINE / 8 - 1];
-                    let start = (LINE - v.as_ptr() as usize % LINE) % LINE / 8;
-                    (Words::Heap(v), start)
-                }
-            };
-            self.len = len;
+            self.make(len, false);
         }
+    }
+
+    /// Replace the buffer with `len` zeros, on huge pages if asked and large enough.
+    fn make(&mut self, len: usize, huge_pages: bool) {
+        const { assert!(align_of::<T>() <= 8 && 8 % size_of::<T>() == 0, "LineBuf holds types that tile a u64") };
+        self.words = Words::Heap(Vec::new());
+        let n = Self::words_for(len);
+        (self.words, self.start) = match huge_pages.then(|| huge(n * 8)).flatten() {
+            Some(at) => at,
+            None => {
+                let v = vec![0u64; n + LINE / 8 - 1];
+                let start = (LINE - v.as_ptr() as usize % LINE) % LINE / 8;
+                (Words::Heap(v), start)
+            }
+        };
+        self.len = len;
     }
 
     fn words_for(len: usize) -> usize {
@@ -136,16 +153,29 @@ impl<T: Pod> DerefMut for LineBuf<T> {
     }
 }
 
+/// Whether the mapping holding `p` asked for huge pages (`hg` in its
+/// `VmFlags`); `None` (and a note) where the kernel has no transparent
+/// huge pages to ask for.
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn advised_huge<T>(p: *const T) -> Option<bool> {
+    if !thp_kernel() {
+        eprintln!("skipped the MADV_HUGEPAGE check: this kernel has no transparent huge pages");
+        return None;
+    }
+    let flags = vm_flags(p).expect("the mapping in /proc/self/smaps");
+    Some(flags.split(' ').any(|f| f == "hg"))
+}
+
 /// Whether this kernel has transparent huge pages (so `MADV_HUGEPAGE` marks a mapping).
 #[cfg(all(test, target_os = "linux"))]
-pub(crate) fn thp_kernel() -> bool {
+fn thp_kernel() -> bool {
     std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists()
 }
 
 /// The `VmFlags` of this process's mapping that holds `p` (`hg`: asked for
 /// huge pages), from `/proc/self/smaps`.
 #[cfg(all(test, target_os = "linux"))]
-pub(crate) fn vm_flags<T>(p: *const T) -> Option<String> {
+fn vm_flags<T>(p: *const T) -> Option<String> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let addr = p as usize;
     let mut inside = false;
@@ -165,7 +195,7 @@ pub(crate) fn vm_flags<T>(p: *const T) -> Option<String> {
 #[cfg(test)]
 mod tests {
     #[cfg(target_os = "linux")]
-    use super::{thp_kernel, vm_flags};
+    use super::{advised_huge, thp_kernel};
     use super::{LineBuf, HUGE_PAGE};
 
     #[test]
@@ -189,39 +219,31 @@ mod tests {
     }
 
     #[test]
-    fn large_buffers_start_a_huge_page_and_ask_for_huge_pages() {
-        // Just under, at and over one 2 MiB page; and grown from small to large.
+    fn large_weights_start_a_huge_page_and_ask_for_huge_pages() {
+        // Just under, at and over one 2 MiB page.
         for bytes in [HUGE_PAGE - 64, HUGE_PAGE, 3 * HUGE_PAGE + 8] {
-            let b = LineBuf::<u8>::zeroed(bytes);
+            let mut b = LineBuf::<u8>::zeroed_huge(bytes);
             assert_eq!(b.len(), bytes);
             let at = b.as_ptr() as usize;
             assert_eq!(at % 64, 0);
             assert!(b.iter().all(|&v| v == 0));
+            b[bytes - 1] = 7;
+            assert_eq!(b[bytes - 1], 7);
             if bytes < HUGE_PAGE {
                 continue;
             }
             assert_eq!(at % HUGE_PAGE, 0, "{bytes} bytes do not start a 2 MiB page");
             #[cfg(target_os = "linux")]
-            match thp_kernel() {
-                true => {
-                    let flags = vm_flags(b.as_ptr()).expect("the buffer's mapping in /proc/self/smaps");
-                    assert!(
-                        flags.split(' ').any(|f| f == "hg"),
-                        "no MADV_HUGEPAGE on {bytes} bytes: {flags}"
-                    );
-                }
-                false => {
-                    eprintln!("skipped the MADV_HUGEPAGE check: this kernel has no transparent huge pages")
-                }
-            }
+            assert_eq!(advised_huge(b.as_ptr()), thp_kernel().then_some(true), "{bytes} bytes");
         }
+        // States and scratch (grown) stay on small pages.
         let mut b = LineBuf::<f32>::zeroed(16);
         b[3] = 2.0;
         b.grow(HUGE_PAGE);
-        assert_eq!((b.len(), b.as_ptr() as usize % HUGE_PAGE), (HUGE_PAGE, 0));
+        assert_eq!((b.len(), b.as_ptr() as usize % 64), (HUGE_PAGE, 0));
         assert!(b.iter().all(|&v| v == 0.0));
-        b[HUGE_PAGE - 1] = 1.0;
-        assert_eq!(b[HUGE_PAGE - 1], 1.0);
+        #[cfg(target_os = "linux")]
+        assert_eq!(advised_huge(b.as_ptr()), thp_kernel().then_some(false));
     }
 
     /// Resident bytes of this process.

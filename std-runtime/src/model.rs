@@ -131,7 +131,7 @@ impl Transposed {
                 total += size(t).div_ceil(8).next_multiple_of(LINE_WORDS);
             }
         }
-        let mut words = LineBuf::<u64>::zeroed(total);
+        let mut words = LineBuf::<u64>::zeroed_huge(total);
         fn flip<T: bytemuck::Pod>(v: &[T], di: usize, r: usize, out: &mut [u64]) {
             let out = &mut bytemuck::cast_slice_mut::<u64, T>(out)
                 [..dt_avx512::blocked_rows(di, r) * dt_avx512::BLOCK];
@@ -229,7 +229,7 @@ impl LoadedModel {
         }
         let a_log_bytes = a_log.last().map_or(0, Tensor::nbytes);
         let per = cfg.d_inner * cfg.d_state;
-        let mut a = LineBuf::zeroed(cfg.n_layer * per);
+        let mut a = LineBuf::zeroed_huge(cfg.n_layer * per);
         for (t, out) in a_log.iter().zip(a.chunks_exact_mut(per.max(1))) {
             a_from_a_log(t.data, out);
         }

@@ -7,6 +7,24 @@ use bytemuck::Pod;
 
 /// Bytes in a cache line.
 const LINE: usize = 64;
+/// Words (`u64`) in a cache line.
+pub const LINE_WORDS: usize = LINE / 8;
+
+/// Runs of `words` laid out one after another in one buffer, each from a
+/// cache line: the word each starts at, and the words in all.
+pub fn line_starts(words: impl IntoIterator<Item = usize>) -> (Vec<usize>, usize) {
+    let mut total = 0;
+    let starts = words
+        .into_iter()
+        .map(|n| {
+            let at = total;
+            total += n.next_multiple_of(LINE_WORDS);
+            at
+        })
+        .collect();
+    (starts, total)
+}
+
 /// Bytes in a transparent huge page (x86-64, and aarch64 with 4 KiB pages).
 pub const HUGE_PAGE: usize = 2 << 20;
 
@@ -107,7 +125,7 @@ impl<T: Pod> LineBuf<T> {
         (self.words, self.start) = match huge_pages.then(|| huge(n * 8)).flatten() {
             Some(at) => at,
             None => {
-                let v = vec![0u64; n + LINE / 8 - 1];
+                let v = vec![0u64; n + LINE_WORDS - 1];
                 let start = (LINE - v.as_ptr() as usize % LINE) % LINE / 8;
                 (Words::Heap(v), start)
             }
@@ -196,7 +214,7 @@ fn vm_flags<T>(p: *const T) -> Option<String> {
 mod tests {
     #[cfg(target_os = "linux")]
     use super::{advised_huge, thp_kernel};
-    use super::{LineBuf, HUGE_PAGE};
+    use super::{line_starts, LineBuf, HUGE_PAGE};
 
     #[test]
     fn starts_a_cache_line_keeps_its_length_and_grows_zeroed() {
@@ -216,6 +234,12 @@ mod tests {
             let w = LineBuf::<u64>::zeroed(n);
             assert_eq!((w.len(), w.as_ptr() as usize % 64), (n, 0));
         }
+    }
+
+    #[test]
+    fn runs_laid_out_from_cache_lines() {
+        assert_eq!(line_starts([3, 8, 0, 9, 1]), (vec![0, 8, 16, 16, 32], 40));
+        assert_eq!(line_starts([]), (vec![], 0));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use mamba_core::{
     DType, LayerWeights, MambaConfig, Model, Tensor, WData,
 };
 
-use crate::aligned::LineBuf;
+use crate::aligned::{line_starts, LineBuf};
 use crate::config::{FileConfig, Layout};
 use crate::error::{Error, Result};
 use crate::hub::resolve_model_dir;
@@ -120,17 +120,17 @@ struct Transposed {
 
 impl Transposed {
     fn of(dt_proj: &[Tensor<'_>]) -> Self {
-        const LINE_WORDS: usize = 8;
-        let size =
-            |t: &Tensor<'_>| dt_avx512::blocked_rows(t.rows, t.cols) * dt_avx512::BLOCK * t.dtype().size();
-        let mut layers = Vec::with_capacity(dt_proj.len());
-        let mut total = 0;
-        for t in dt_proj {
-            layers.push((t.dtype() != DType::Q8_0).then(|| (t.dtype(), total)));
-            if t.dtype() != DType::Q8_0 {
-                total += size(t).div_ceil(8).next_multiple_of(LINE_WORDS);
-            }
-        }
+        // Bytes of a layer's layout; none for Q8_0.
+        let size = |t: &Tensor<'_>| match t.dtype() {
+            DType::Q8_0 => 0,
+            d => dt_avx512::blocked_rows(t.rows, t.cols) * dt_avx512::BLOCK * d.size(),
+        };
+        let (starts, total) = line_starts(dt_proj.iter().map(|t| size(t).div_ceil(8)));
+        let layers: Vec<_> = dt_proj
+            .iter()
+            .zip(starts)
+            .map(|(t, at)| (t.dtype() != DType::Q8_0).then_some((t.dtype(), at)))
+            .collect();
         let mut words = LineBuf::<u64>::zeroed_huge(total);
         fn flip<T: bytemuck::Pod>(v: &[T], di: usize, r: usize, out: &mut [u64]) {
             let out = &mut bytemuck::cast_slice_mut::<u64, T>(out)

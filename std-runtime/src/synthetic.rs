@@ -26,7 +26,7 @@ use half::{bf16, f16};
 use mamba_core::{DType, Q8_BLOCK};
 use rayon::prelude::*;
 
-use crate::aligned::LineBuf;
+use crate::aligned::{line_starts, LineBuf, LINE_WORDS};
 use crate::config::{FileConfig, Layout};
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, Q8_SCALE_SUFFIX};
@@ -308,15 +308,9 @@ pub fn synthetic_model(shape: &Shape, dtype: DType, seed: u64) -> Result<LoadedM
     // One buffer for all (a weight file's layout): its whole 2 MiB pages
     // are huge ones, which a buffer a tensor would waste memory rounding
     // up to. Each tensor starts a cache line.
-    const LINE_WORDS: usize = 8;
     let words_of =
         |(s, d, _): &(Spec, DType, u64)| (s.shape.iter().product::<usize>() * d.size()).div_ceil(8);
-    let mut starts = Vec::with_capacity(tensors.len());
-    let mut total = 0;
-    for t in &tensors {
-        starts.push(total);
-        total += words_of(t).next_multiple_of(LINE_WORDS);
-    }
+    let (starts, total) = line_starts(tensors.iter().map(words_of));
     let mut arena = LineBuf::<u64>::zeroed_huge(total);
     let mut parts = Vec::with_capacity(tensors.len());
     let mut rest = &mut arena[..];

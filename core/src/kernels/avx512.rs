@@ -381,11 +381,7 @@ fn blocked(
         }
         return;
     }
-    let pb = match super::simd::PANEL.load(core::sync::atomic::Ordering::Relaxed) {
-        0 | 7 => PANEL_BYTES,
-        v => v,
-    };
-    let panel = (pb / (k * esize).max(1)).clamp(TILE_R, PANEL_ROWS) / TILE_R * TILE_R;
+    let panel = (PANEL_BYTES / (k * esize).max(1)).clamp(TILE_R, PANEL_ROWS) / TILE_R * TILE_R;
     // A token block's outputs over the panel, stored as one run a token
     // (a call a tile and token had cost a tenth of batched decode).
     let mut stage = [[0.0f32; PANEL_ROWS]; TILE_T];

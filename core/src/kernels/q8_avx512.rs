@@ -155,15 +155,6 @@ mod x86 {
         let top = _mm512_set1_epi8(-128);
         // Lanes 0..8 from scale `j`, lanes 8..16 from `j + 1`, for j = 0.
         let pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        if crate::kernels::simd::PANEL.load(core::sync::atomic::Ordering::Relaxed) == 7 {
-            let d0 = w.row(o, k).d as *const u8;
-            let bytes = out.len() * nb * 2;
-            let mut off = 0;
-            while off < bytes + 64 {
-                _mm_prefetch::<_MM_HINT_T0>(d0.wrapping_add(off) as *const i8);
-                off += 64;
-            }
-        }
         for (i, v) in out.iter_mut().enumerate() {
             let row = w.row(o + i, k);
             let mut acc = _mm512_setzero_ps();
@@ -176,13 +167,7 @@ mod x86 {
                 let mut j = 0;
                 while j + 2 <= n {
                     let at = (g + j) * Q8_BLOCK;
-                    let wv = if crate::kernels::simd::PANEL.load(core::sync::atomic::Ordering::Relaxed) == 8 {
-                        let lo = _mm256_loadu_si256(row.q.add(at) as *const __m256i);
-                        let hi = _mm256_loadu_si256(row.q.add(at + 32) as *const __m256i);
-                        _mm512_xor_si512(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), top)
-                    } else {
-                        _mm512_xor_si512(_mm512_loadu_si512(row.q.add(at) as *const _), top)
-                    };
+                    let wv = _mm512_xor_si512(_mm512_loadu_si512(row.q.add(at) as *const _), top);
                     let xv = _mm512_loadu_si512(xq.add(at) as *const _);
                     let cv = _mm512_loadu_si512(xc.add((g + j) * LANES) as *const _);
                     let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(cv, wv, xv));

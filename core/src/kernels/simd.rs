@@ -72,8 +72,6 @@ pub fn vnni_enabled() -> bool {
 }
 
 static BF16_DOT: AtomicBool = AtomicBool::new(false);
-/// EXPERIMENT
-pub static PANEL: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
 
 /// Run bf16 products with AVX-512 BF16's `vdpbf16ps` from now on, over
 /// activations rounded to bf16 ([`super::bf16_avx512`]): about twice the

@@ -8,7 +8,7 @@ use bytemuck::Pod;
 /// Bytes in a cache line.
 const LINE: usize = 64;
 /// Words (`u64`) in a cache line.
-pub const LINE_WORDS: usize = LINE / 8;
+const LINE_WORDS: usize = LINE / 8;
 
 /// Runs of `words` laid out one after another in one buffer, each from a
 /// cache line: the word each starts at, and the words in all.

@@ -26,7 +26,7 @@ use half::{bf16, f16};
 use mamba_core::{DType, Q8_BLOCK};
 use rayon::prelude::*;
 
-use crate::aligned::{line_starts, LineBuf, LINE_WORDS};
+use crate::aligned::{line_starts, LineBuf};
 use crate::config::{FileConfig, Layout};
 use crate::error::{Error, Result};
 use crate::model::{LoadedModel, Q8_SCALE_SUFFIX};
@@ -312,10 +312,12 @@ pub fn synthetic_model(shape: &Shape, dtype: DType, seed: u64) -> Result<LoadedM
         |(s, d, _): &(Spec, DType, u64)| (s.shape.iter().product::<usize>() * d.size()).div_ceil(8);
     let (starts, total) = line_starts(tensors.iter().map(words_of));
     let mut arena = LineBuf::<u64>::zeroed_huge(total);
+    // Each tensor's run reaches the next one's start (the last, the end).
+    let ends = starts.iter().skip(1).copied().chain([total]);
     let mut parts = Vec::with_capacity(tensors.len());
     let mut rest = &mut arena[..];
-    for t in &tensors {
-        let (part, tail) = rest.split_at_mut(words_of(t).next_multiple_of(LINE_WORDS));
+    for ((t, &start), end) in tensors.iter().zip(&starts).zip(ends) {
+        let (part, tail) = rest.split_at_mut(end - start);
         parts.push(&mut part[..words_of(t)]);
         rest = tail;
     }

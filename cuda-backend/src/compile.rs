@@ -61,7 +61,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "sample.cu",
         source: include_str!("../kernels/sample.cu"),
-        functions: &["argmax_rows"],
+        functions: &["argmax_rows", "sample_rows"],
     },
 ];
 

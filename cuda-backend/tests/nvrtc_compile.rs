@@ -58,3 +58,27 @@ fn every_entry_point_has_a_signature_the_launcher_can_pass() {
     assert_eq!(signature(lin, "gemv_bf16_8").unwrap(), vec![Ptr, Ptr, Ptr, Ptr, U32, U32, U32, U32]);
     assert!(signature(lin, "no_such_kernel").is_none());
 }
+
+/// Every `__global__` entry point a source defines is listed, so the device
+/// loads it (one left out is "not loaded" only on a GPU: the emulator
+/// finds kernels by their symbols). Macro-made names are matched by their
+/// literal prefix.
+#[test]
+fn every_global_function_in_a_source_is_listed() {
+    for f in KERNEL_FILES {
+        let src = f.source.replace("\\\n", " ");
+        let mut rest = src.as_str();
+        while let Some(at) = rest.find("__global__ void ") {
+            rest = &rest[at + "__global__ void ".len()..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '#'))
+                .unwrap_or(rest.len());
+            let name = &rest[..end];
+            let listed = match name.split_once("##") {
+                None => f.functions.contains(&name),
+                Some((prefix, _)) => f.functions.iter().any(|g| g.starts_with(prefix)),
+            };
+            assert!(listed, "{}: `{name}` is defined but not in KERNEL_FILES, so it is never loaded", f.name);
+        }
+    }
+}

@@ -47,8 +47,8 @@ extern "C" __global__ void combine_parts(const float* c, float* out, const float
 // row (8 rows per block); with split 8 the 8 warps share one row, each a
 // slice of k, and add their sums through shared memory (short, wide
 // matrices such as x_proj, which would otherwise keep too few warps reading).
-// `vec` (host-checked: k % 8 == 0, 16-byte aligned rows) selects the vector
-// loads; else element loads.
+// `vec` (host-checked: k % 8 == 0, W and x 16-byte aligned) selects 16-byte
+// loads of weights and x; else element loads.
 // W [n_out, k]; x [B, k] f32; bias [n_out] f32 or null; out [B, n_out].
 
 __device__ __forceinline__ void widen8(const float* p, float* v) {
@@ -76,6 +76,10 @@ __device__ __forceinline__ void widen8(const __half* p, float* v) {
     }
 }
 
+// Chunks of 8 weights a lane has in flight per pass of the vector loop:
+// with one, a warp waits out a full memory latency per 512 bytes of a row.
+#define GEMV_UNROLL 4
+
 template <typename T, int B>
 __device__ void gemv_rows(const T* W, const float* x, const float* bias, float* out, u32 n_out, u32 k, u32 vec,
                           u32 split) {
@@ -87,20 +91,48 @@ __device__ void gemv_rows(const T* W, const float* x, const float* bias, float* 
     float acc[B];
 #pragma unroll
     for (int b = 0; b < B; ++b) acc[b] = 0.0f;
-    for (u32 i = (sub * 32 + lane) * 8; i < k; i += 32 * 8 * split) {
-        float wv[8];
-        if (vec) {
+    const u32 step = 32 * 8 * split;
+    u32 i = (sub * 32 + lane) * 8;
+    if (vec) {
+        // All GEMV_UNROLL weight chunks are loaded before the first is used.
+        for (; i + (GEMV_UNROLL - 1) * step < k; i += GEMV_UNROLL * step) {
+            float wv[GEMV_UNROLL][8];
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; ++u) widen8(w + i + u * step, wv[u]);
+#pragma unroll
+            for (int u = 0; u < GEMV_UNROLL; ++u) {
+#pragma unroll
+                for (int b = 0; b < B; ++b) {
+                    float xv[8];
+                    widen8(x + (u64)b * k + i + u * step, xv);
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[b] += wv[u][j] * xv[j];
+                }
+            }
+        }
+        for (; i < k; i += step) {
+            float wv[8];
             widen8(w + i, wv);
-        } else {
+#pragma unroll
+            for (int b = 0; b < B; ++b) {
+                float xv[8];
+                widen8(x + (u64)b * k + i, xv);
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[b] += wv[j] * xv[j];
+            }
+        }
+    } else {
+        for (; i < k; i += step) {
+            float wv[8];
 #pragma unroll
             for (int j = 0; j < 8; ++j) wv[j] = i + j < k ? to_f32(w[i + j]) : 0.0f;
-        }
 #pragma unroll
-        for (int b = 0; b < B; ++b) {
-            const float* xb = x + (u64)b * k + i;
+            for (int b = 0; b < B; ++b) {
+                const float* xb = x + (u64)b * k + i;
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-                if (i + j < k) acc[b] += wv[j] * xb[j];
+                for (int j = 0; j < 8; ++j)
+                    if (i + j < k) acc[b] += wv[j] * xb[j];
+            }
         }
     }
     __shared__ float part[8][8];  // [warp][b]

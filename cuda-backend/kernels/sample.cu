@@ -7,6 +7,7 @@ extern "C" __global__ void argmax_rows(const float* logits, u32* ids, u32 rows, 
     const float* row = logits + r * width;
     float best = -__int_as_float(0x7f800000);  // -inf (no math.h under NVRTC)
     u32 best_i = 0xffffffffu;
+#pragma unroll 4
     for (u32 i = threadIdx.x; i < n_valid; i += blockDim.x) {
         const float v = row[i];
         // NaN never wins; the first of equal values does.

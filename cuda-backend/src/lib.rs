@@ -34,4 +34,4 @@ pub use device::CudaBackend;
 pub use error::{CudaError, Result};
 pub use model::DeviceModel;
 pub use session::{slots_for_memory, CudaSession, DeviceSampling, LogitsMode, DEFAULT_CHUNK_TOKENS};
-pub use weight::{upload_f32, upload_stored, DeviceWeight};
+pub use weight::{transposed_f32, upload_f32, upload_f32_transposed, upload_stored, DeviceWeight};

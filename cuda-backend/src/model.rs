@@ -4,7 +4,7 @@ use mamba_core::{LayerWeights, MambaConfig, Model, Tensor};
 
 use crate::device::CudaBackend;
 use crate::error::Result;
-use crate::weight::{upload_f32, upload_stored, DeviceWeight};
+use crate::weight::{upload_f32, upload_f32_transposed, upload_stored, DeviceWeight};
 
 /// The device copy of a model: matrices in their stored dtype, the rest in f32
 /// (see [`crate::weight`]).
@@ -33,7 +33,8 @@ impl DeviceModel {
                     conv_w: upload_f32(st, &l.conv_w)?,
                     conv_b: opt(&l.conv_b)?,
                     x_proj: upload_stored(st, &l.x_proj)?,
-                    dt_proj: upload_f32(st, &l.dt_proj)?,
+                    // Transposed: the dt kernel reads it a channel per thread.
+                    dt_proj: upload_f32_transposed(st, &l.dt_proj)?,
                     dt_proj_t: None,
                     dt_bias: upload_f32(st, &l.dt_bias)?,
                     a: upload_f32(st, &l.a)?,

@@ -200,7 +200,8 @@ impl MambaOps for CudaBackend {
     ) -> Result<()> {
         let (cfg, lw, st) = (layer.cfg, layer.w, &self.stream);
         let xp = cfg.x_proj_dim();
-        lw.dt_proj.expect_shape("dt_proj weight", cfg.d_inner, cfg.dt_rank)?;
+        // The device holds dt_proj transposed (DeviceModel::upload).
+        lw.dt_proj.expect_shape("dt_proj weight, transposed", cfg.dt_rank, cfg.d_inner)?;
         lw.dt_bias.expect_shape("dt_proj bias", 1, cfg.d_inner)?;
         to_u32(rows * cfg.d_inner.max(xp), "dt values")?;
         self.run(&plan::dt_proj_softplus(

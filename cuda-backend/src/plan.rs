@@ -154,7 +154,8 @@ pub fn gemv_with_split(
         Arg::Ptr(out),
         Arg::U32(u(n_out)),
         Arg::U32(u(k)),
-        Arg::U32(k.is_multiple_of(8) as u32),
+        // 16-byte loads need 16-byte aligned rows of W and x.
+        Arg::U32((k.is_multiple_of(8) && w.is_multiple_of(16) && x.is_multiple_of(16)) as u32),
         Arg::U32(split),
     ];
     let kernel = names[rows.clamp(1, GEMV_MAX_ROWS) - 1];
@@ -182,11 +183,18 @@ pub fn combine(c: u64, out: u64, bias: u64, rows: usize, n_out: usize, parts: u3
     elems("combine_parts", (rows * n_out) as u64, args)
 }
 
-/// `dt = softplus(dbc[:, :dt_rank] w^T + bias)` for `rows` rows.
+/// Rows of one `dt_proj_softplus` block (`DT_ROWS` in `kernels/dt.cu`).
+const DT_ROWS: usize = 8;
+/// Channels of one `dt_proj_softplus` block: small, so that one decode row
+/// (2.8b: 5120 channels) still spreads over 40 multiprocessors.
+const DT_BLOCK: u32 = 128;
+
+/// `dt = softplus(dbc[:, :dt_rank] wt + bias)` for `rows` rows, with `wt` the
+/// transposed `dt_proj`, `[dt_rank, d_inner]` f32 ([`crate::upload_f32_transposed`]).
 #[allow(clippy::too_many_arguments)]
 pub fn dt_proj_softplus(
     dbc: u64,
-    w: u64,
+    wt: u64,
     bias: u64,
     dt: u64,
     rows: usize,
@@ -196,7 +204,7 @@ pub fn dt_proj_softplus(
 ) -> Launch {
     let args = vec![
         Arg::Ptr(dbc),
-        Arg::Ptr(w),
+        Arg::Ptr(wt),
         Arg::Ptr(bias),
         Arg::Ptr(dt),
         Arg::U32(u(rows)),
@@ -204,7 +212,8 @@ pub fn dt_proj_softplus(
         Arg::U32(u(dt_rank)),
         Arg::U32(u(xp)),
     ];
-    elems("dt_proj_softplus", (rows * d_inner) as u64, args)
+    let blocks = d_inner.div_ceil(DT_BLOCK as usize) * rows.div_ceil(DT_ROWS);
+    Launch { kernel: "dt_proj_softplus", grid: u(blocks), block: DT_BLOCK, args }
 }
 
 /// A ragged batch as the kernels read it: `[offsets (n+1) | slots (n) | seq_of_row (rows)]`.
@@ -540,7 +549,8 @@ pub fn gather_rows(x: u64, rows: u64, out: u64, n: usize, width: usize) -> Launc
 pub fn argmax(logits: u64, ids: u64, rows: usize, width: usize, n_valid: usize) -> Launch {
     let args =
         vec![Arg::Ptr(logits), Arg::Ptr(ids), Arg::U32(u(rows)), Arg::U32(u(width)), Arg::U32(u(n_valid))];
-    Launch { kernel: "argmax_rows", grid: u(rows), block: 256, args }
+    // 1024 threads: a 50k vocabulary is 49 loads per thread, not 196 in a row.
+    Launch { kernel: "argmax_rows", grid: u(rows), block: 1024, args }
 }
 
 /// Temperature / top-k / min-p / top-p sampling of `rows` rows (see

@@ -99,3 +99,16 @@ pub fn upload_f32(stream: &Arc<CudaStream>, t: &Tensor<'_>) -> Result<DeviceWeig
     let s = stream.clone_htod(&host).map_err(CudaError::driver("uploading a weight"))?;
     Ok(DeviceWeight { dtype: DType::F32, rows: t.rows, cols: t.cols, data: Arc::new(WeightData::F32(s)) })
 }
+
+/// Upload the matrix `t` `[rows, cols]` transposed, `[cols, rows]`, widened to f32.
+pub fn upload_f32_transposed(stream: &Arc<CudaStream>, t: &Tensor<'_>) -> Result<DeviceWeight> {
+    let host = transposed_f32(t);
+    let s = stream.clone_htod(&host).map_err(CudaError::driver("uploading a weight"))?;
+    Ok(DeviceWeight { dtype: DType::F32, rows: t.cols, cols: t.rows, data: Arc::new(WeightData::F32(s)) })
+}
+
+/// `t` `[rows, cols]` as f32 values `[cols, rows]`.
+pub fn transposed_f32(t: &Tensor<'_>) -> Vec<f32> {
+    let (r, c) = (t.rows, t.cols);
+    (0..r * c).map(|i| t.data.get((i % r) * c + i / r)).collect()
+}

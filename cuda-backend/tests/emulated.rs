@@ -119,6 +119,10 @@ impl EmuWeight {
         let v = (0..t.len()).map(|i| t.data.get(i)).collect();
         EmuWeight { dtype: DType::F32, rows: t.rows, cols: t.cols, data: EmuData::F32(v) }
     }
+    fn f32_transposed(t: &Tensor<'_>) -> Self {
+        let v = mamba_cuda::transposed_f32(t);
+        EmuWeight { dtype: DType::F32, rows: t.cols, cols: t.rows, data: EmuData::F32(v) }
+    }
     fn ptr(&self) -> u64 {
         match &self.data {
             EmuData::F32(v) => p(v),
@@ -148,7 +152,8 @@ fn upload(
             conv_w: EmuWeight::f32(&l.conv_w),
             conv_b: opt(&l.conv_b),
             x_proj: EmuWeight::stored(&l.x_proj),
-            dt_proj: EmuWeight::f32(&l.dt_proj),
+            // Transposed, as DeviceModel::upload holds it.
+            dt_proj: EmuWeight::f32_transposed(&l.dt_proj),
             dt_proj_t: None,
             dt_bias: EmuWeight::f32(&l.dt_bias),
             a: EmuWeight::f32(&l.a),
@@ -765,40 +770,91 @@ fn emulated_decode_kernel_splits_k_between_warps() {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     };
-    for (n_out, k) in [(13usize, 2056usize), (9, 37), (20, 64)] {
+    // k 2056 and 9000 run the unrolled loop and its tail; f32 and bf16 weights.
+    for (n_out, k, dtype) in [
+        (13usize, 2056usize, DType::BF16),
+        (9, 37, DType::BF16),
+        (20, 64, DType::BF16),
+        (5, 9000, DType::BF16),
+        (11, 2056, DType::F32),
+    ] {
         let w: Vec<f32> = (0..n_out * k).map(|_| r()).collect();
         let wb: Vec<u16> = w.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        // The weights as the kernel reads them.
+        let wv: Vec<f32> = if dtype == DType::F32 {
+            w.clone()
+        } else {
+            wb.iter().map(|&b| bf16::from_bits(b).to_f32()).collect()
+        };
+        let wp = if dtype == DType::F32 { p(&w) } else { p(&wb) };
         let bias: Vec<f32> = (0..n_out).map(|_| r()).collect();
         for rows in [1usize, 3, 8] {
             let x: Vec<f32> = (0..rows * k).map(|_| r()).collect();
+            // glibc's malloc aligns to 16 bytes, so the vector path runs where k allows.
+            assert!(p(&x).is_multiple_of(16) && wp.is_multiple_of(16));
             for split in [1u32, 8] {
                 for with_bias in [false, true] {
                     let out = vec![f32::NAN; rows * n_out];
                     let b = if with_bias { p(&bias) } else { 0 };
-                    run(&plan::gemv_with_split(
-                        DType::BF16,
-                        p(&wb),
-                        p(&x),
-                        b,
-                        p(&out),
-                        rows,
-                        n_out,
-                        k,
-                        split,
-                    ));
+                    run(&plan::gemv_with_split(dtype, wp, p(&x), b, p(&out), rows, n_out, k, split));
                     let want: Vec<f64> = (0..rows * n_out)
                         .map(|i| {
                             let (t, o) = (i / n_out, i % n_out);
-                            let dot: f64 = (0..k)
-                                .map(|j| bf16::from_bits(wb[o * k + j]).to_f32() as f64 * x[t * k + j] as f64)
-                                .sum();
+                            let dot: f64 = (0..k).map(|j| wv[o * k + j] as f64 * x[t * k + j] as f64).sum();
                             dot + if with_bias { bias[o] as f64 } else { 0.0 }
                         })
                         .collect();
-                    let what = format!("gemv {n_out}x{k}, {rows} rows, split {split}, bias {with_bias}");
+                    let what =
+                        format!("gemv {dtype:?} {n_out}x{k}, {rows} rows, split {split}, bias {with_bias}");
                     assert_close(&what, &out, &want, 1e-4);
                 }
             }
         }
+    }
+}
+
+#[test]
+fn emulated_dt_proj_fills_partial_tiles_and_long_ranks() {
+    if !ready() {
+        return;
+    }
+    let mut seed = 11u64;
+    let mut r = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    // Channel counts past a block, row counts past a tile, ranks past a chunk of 32.
+    for (rows, d_inner, dt_rank, d_state) in
+        [(1usize, 200usize, 33usize, 4usize), (9, 130, 70, 16), (17, 64, 1, 1)]
+    {
+        let xp = dt_rank + 2 * d_state;
+        let dbc: Vec<f32> = (0..rows * xp).map(|_| r() * 3.0).collect();
+        let w: Vec<f32> = (0..d_inner * dt_rank).map(|_| r()).collect();
+        let bias: Vec<f32> = (0..d_inner).map(|_| r() * 4.0).collect();
+        let t = Tensor::new(WData::F32(&w), d_inner, dt_rank, "dt_proj").unwrap();
+        let wt = mamba_cuda::transposed_f32(&t);
+        // One row more than asked for, which must stay untouched.
+        let dt = vec![f32::NAN; (rows + 1) * d_inner];
+        run(&plan::dt_proj_softplus(p(&dbc), p(&wt), p(&bias), p(&dt), rows, d_inner, dt_rank, xp));
+        let want: Vec<f64> = (0..rows * d_inner)
+            .map(|i| {
+                let (t, d) = (i / d_inner, i % d_inner);
+                let v: f64 =
+                    (0..dt_rank).map(|j| w[d * dt_rank + j] as f64 * dbc[t * xp + j] as f64).sum::<f64>()
+                        + bias[d] as f64;
+                if v > 20.0 {
+                    v
+                } else {
+                    v.exp().ln_1p()
+                }
+            })
+            .collect();
+        assert_close(
+            &format!("dt_proj {rows}x{d_inner}, rank {dt_rank}"),
+            &dt[..rows * d_inner],
+            &want,
+            1e-5,
+        );
+        assert!(dt[rows * d_inner..].iter().all(|v| v.is_nan()), "dt_proj wrote past its rows");
     }
 }

@@ -67,14 +67,25 @@ extern "C" __global__ void conv1d_step(const float* xz, const float* w, const fl
         float* s = states + (u64)slots[b] * slot_len + layer_off + (u64)d * k;
         const float* wd = w + (u64)d * k;
         float acc = bias ? bias[d] : 0.0f;
-        for (u32 c = 0; c + 1 < k; ++c) {
-            const float v = s[c + 1];
-            s[c] = v;
-            acc += wd[c] * v;
-        }
         const float x = xz[b * 2 * d_inner + d];
-        s[k - 1] = x;
-        acc += wd[k - 1] * x;
+        if (k == 4 && ((u64)s & 15) == 0 && ((u64)wd & 15) == 0) {
+            // The common d_conv 4: one 16-byte load and store of the state, one of the taps.
+            const float4 o = *reinterpret_cast<const float4*>(s);
+            const float4 t = *reinterpret_cast<const float4*>(wd);
+            acc += t.x * o.y;
+            acc += t.y * o.z;
+            acc += t.z * o.w;
+            acc += t.w * x;
+            *reinterpret_cast<float4*>(s) = make_float4(o.y, o.z, o.w, x);
+        } else {
+            for (u32 c = 0; c + 1 < k; ++c) {
+                const float v = s[c + 1];
+                s[c] = v;
+                acc += wd[c] * v;
+            }
+            s[k - 1] = x;
+            acc += wd[k - 1] * x;
+        }
         out[i] = silu(acc);
     }
 }

@@ -44,9 +44,10 @@ extern "C" __global__ void combine_parts(const float* c, float* out, const float
 // lane reads 8 consecutive weights per pass (16 bytes of bf16/f16), so a warp
 // reads a row in coalesced 512-byte sweeps and every weight byte is read once
 // for all B rows. A block is 8 warps: with split 1 each warp owns one output
-// row (8 rows per block); with split 8 the 8 warps share one row, each a
-// slice of k, and add their sums through shared memory (short, wide
-// matrices such as x_proj, which would otherwise keep too few warps reading).
+// row (8 rows per block); with split 2, 4 or 8 that many warps share a row,
+// each a slice of k, and add their sums through shared memory (matrices with
+// few rows, such as x_proj or out_proj, which would otherwise keep too few
+// warps reading).
 // `vec` (host-checked: k % 8 == 0, W and x 16-byte aligned) selects 16-byte
 // loads of weights and x; else element loads.
 // W [n_out, k]; x [B, k] f32; bias [n_out] f32 or null; out [B, n_out].
@@ -86,13 +87,14 @@ __device__ void gemv_rows(const T* W, const float* x, const float* bias, float* 
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const u64 row = (u64)blockIdx.x * (8 / split) + warp / split;
     const u32 sub = warp % split;
-    if (row >= n_out) return;  // whole blocks when split > 1, whole warps otherwise
-    const T* w = W + row * k;
+    // A warp past the last row still reaches the block barrier below.
+    const bool live = row < n_out;
+    const T* w = W + (live ? row : 0) * k;
     float acc[B];
 #pragma unroll
     for (int b = 0; b < B; ++b) acc[b] = 0.0f;
     const u32 step = 32 * 8 * split;
-    u32 i = (sub * 32 + lane) * 8;
+    u32 i = live ? (sub * 32 + lane) * 8 : k;
     if (vec) {
         // All GEMV_UNROLL weight chunks are loaded before the first is used.
         for (; i + (GEMV_UNROLL - 1) * step < k; i += GEMV_UNROLL * step) {
@@ -140,18 +142,23 @@ __device__ void gemv_rows(const T* W, const float* x, const float* bias, float* 
     for (int b = 0; b < B; ++b) {
         const float s = group_sum(acc[b], 32);
         if (split == 1) {
-            if (lane == 0) out[(u64)b * n_out + row] = s + (bias ? bias[row] : 0.0f);
+            if (live && lane == 0) out[(u64)b * n_out + row] = s + (bias ? bias[row] : 0.0f);
         } else if (lane == 0) {
             part[warp][b] = s;
         }
     }
     if (split > 1) {
         __syncthreads();
-        if (threadIdx.x < B) {
-            const int b = threadIdx.x;
-            float s = 0.0f;
-            for (u32 v = 0; v < split; ++v) s += part[v][b];
-            out[(u64)b * n_out + row] = s + (bias ? bias[row] : 0.0f);
+        // Thread (row of the block, b) adds its row's `split` warp sums in warp order.
+        const u32 per_block = 8 / split;
+        if (threadIdx.x < per_block * B) {
+            const u32 rb = threadIdx.x / B, b = threadIdx.x % B;
+            const u64 r = (u64)blockIdx.x * per_block + rb;
+            if (r < n_out) {
+                float s = 0.0f;
+                for (u32 v = 0; v < split; ++v) s += part[rb * split + v][b];
+                out[(u64)b * n_out + r] = s + (bias ? bias[r] : 0.0f);
+            }
         }
     }
 }

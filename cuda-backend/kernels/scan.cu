@@ -36,32 +36,52 @@ __device__ __forceinline__ ScanLane scan_lane(u32 group) {
 // Run tokens [start, end) of channel d through the recurrence, h[] (this
 // lane's states) in registers; write the gated y when y is not null.
 // Returns the sum of dt over the tokens (for the chunked scan's decay).
+// Token t + 1's inputs are loaded before token t is computed, so each
+// step's loads overlap the previous step's arithmetic instead of stalling it
+// (y[t] is written after t + 1 is read, so y may even alias x).
 template <int NPT>
 __device__ float scan_tokens(const float* x, const float* dt, const float* dbc, const float* xz, const float dd,
                              float* y, u64 start, u64 end, u32 d, ScanLane L, u32 d_inner, u32 d_state, u32 dt_rank,
                              float* h, const float* a) {
     const u32 xp = dt_rank + 2 * d_state;
+    const bool write = y && L.lane == 0;
     float sum_dt = 0.0f;
-    for (u64 t = start; t < end; ++t) {
-        const float xv = x[t * d_inner + d];
-        const float dtv = dt[t * d_inner + d];
-        const float dtx = dtv * xv;
+    float nx = 0.0f, ndt = 0.0f, nz = 0.0f, nb[NPT], nc[NPT];
+    auto load = [&](u64 t) {
+        nx = x[t * d_inner + d];
+        ndt = dt[t * d_inner + d];
+        if (write) nz = xz[t * 2 * d_inner + d_inner + d];
         const float* bc = dbc + t * xp + dt_rank;
+#pragma unroll
+        for (int i = 0; i < NPT; ++i) {
+            const u32 n = L.lane + L.group * i;
+            nb[i] = n < d_state ? bc[n] : 0.0f;
+            nc[i] = n < d_state ? bc[d_state + n] : 0.0f;
+        }
+    };
+    if (start < end) load(start);
+    for (u64 t = start; t < end; ++t) {
+        const float xv = nx, dtv = ndt, zv = nz;
+        float bv[NPT], cv[NPT];
+#pragma unroll
+        for (int i = 0; i < NPT; ++i) {
+            bv[i] = nb[i];
+            cv[i] = nc[i];
+        }
+        if (t + 1 < end) load(t + 1);
+        const float dtx = dtv * xv;
         sum_dt += dtv;
         float part = 0.0f;
 #pragma unroll
         for (int i = 0; i < NPT; ++i) {
             const u32 n = L.lane + L.group * i;
             if (n < d_state) {
-                h[i] = expf(dtv * a[i]) * h[i] + dtx * bc[n];
-                part += h[i] * bc[d_state + n];
+                h[i] = expf(dtv * a[i]) * h[i] + dtx * bv[i];
+                part += h[i] * cv[i];
             }
         }
         for (u32 o = L.group / 2; o > 0; o /= 2) part += __shfl_xor_sync(L.mask, part, o, L.group);
-        if (y && L.lane == 0) {
-            const float z = xz[t * 2 * d_inner + d_inner + d];
-            y[t * d_inner + d] = (part + dd * xv) * silu(z);
-        }
+        if (write) y[t * d_inner + d] = (part + dd * xv) * silu(zv);
     }
     return sum_dt;
 }

@@ -103,7 +103,8 @@ impl CudaBackend {
         let h = self.chunk_h.borrow_mut().at_least(st, n_chunks * cfg.d_inner * cfg.d_state, &self.live)?;
         let dt_sum = self.chunk_dt.borrow_mut().at_least(st, n_chunks * cfg.d_inner, &self.live)?;
         let ch = plan::ChunkPtrs { desc, n_chunks, h, dt_sum };
-        for l in plan::scan_chunked(p, slots, batch.len(), ch, cfg, StatePlace::of(cfg, layer.index)) {
+        let shape = plan::scan_shape_for(cfg.d_state, n_chunks * cfg.d_inner);
+        for l in plan::scan_chunked(p, slots, batch.len(), ch, cfg, StatePlace::of(cfg, layer.index), shape) {
             self.run(&l)?;
         }
         Ok(())

@@ -53,11 +53,14 @@ pub fn embed(dtype: DType, table: u64, ids: u64, out: u64, n: usize, d_model: us
     elems(kernel, (n * d_model) as u64, args)
 }
 
-/// RMSNorm of `rows` rows of width `d`; one block per row.
+/// RMSNorm of `rows` rows of width `d`; one block per row, of 1024 threads
+/// for a few rows (a decode step's one row of 2560 is then 3 values a
+/// thread, not 10 in a row), else 256.
 pub fn rms_norm(x: u64, w: u64, out: u64, rows: usize, d: usize, eps: f32) -> Launch {
     let args =
         vec![Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(out), Arg::U32(u(rows)), Arg::U32(u(d)), Arg::F32(eps)];
-    Launch { kernel: "rms_norm", grid: u(rows), block: 256, args }
+    let block = if rows < 64 { 1024 } else { 256 };
+    Launch { kernel: "rms_norm", grid: u(rows), block, args }
 }
 
 /// `acc[..len] += x[..len]`.
@@ -115,19 +118,19 @@ pub fn gemv(
     gemv_with_split(dtype, w, x, bias, out, rows, n_out, k, gemv_split(n_out, k))
 }
 
-/// Warps per output row of the decode kernel: 8 (the k range split between
-/// a block's warps) for short, wide matrices that would leave most of the
-/// GPU idle with one warp per row (x_proj 192 x 5120 on 2.8b, out_proj 768 x 1536
-/// on 130m), else 1.
+/// Warps per output row of the decode kernel (1, 2, 4 or 8): doubled while
+/// fewer than 4096 warps would read (32 a multiprocessor on an H200; with
+/// one row a warp, 2.8b's out_proj, 2560 x 5120, keeps 19) and each warp
+/// still gets 256 or more of the row.
 pub fn gemv_split(n_out: usize, k: usize) -> u32 {
-    if n_out < 2048 && k >= 1024 {
-        8
-    } else {
-        1
+    let mut split = 1;
+    while split < 8 && n_out * split < 4096 && k / (2 * split) >= 256 {
+        split *= 2;
     }
+    split as u32
 }
 
-/// [`gemv`] with an explicit `split` (1 or 8).
+/// [`gemv`] with an explicit `split` (1, 2, 4 or 8; others round down to one of them).
 #[allow(clippy::too_many_arguments)]
 pub fn gemv_with_split(
     dtype: DType,
@@ -146,7 +149,12 @@ pub fn gemv_with_split(
         DType::F16 => &GEMV_F16,
         DType::BF16 => &GEMV_BF16,
     };
-    let split = if split >= 8 { 8 } else { 1 };
+    let split = match split {
+        0 | 1 => 1,
+        2 | 3 => 2,
+        4..=7 => 4,
+        _ => 8,
+    };
     let args = vec![
         Arg::Ptr(w),
         Arg::Ptr(x),
@@ -159,7 +167,7 @@ pub fn gemv_with_split(
         Arg::U32(split),
     ];
     let kernel = names[rows.clamp(1, GEMV_MAX_ROWS) - 1];
-    // 8 warps per block: 8 rows (split 1) or 1 row (split 8).
+    // 8 warps per block: 8 / split rows.
     let rows_per_block = (8 / split) as usize;
     Launch { kernel, grid: u(n_out.div_ceil(rows_per_block)), block: 256, args }
 }
@@ -183,11 +191,10 @@ pub fn combine(c: u64, out: u64, bias: u64, rows: usize, n_out: usize, parts: u3
     elems("combine_parts", (rows * n_out) as u64, args)
 }
 
-/// Rows of one `dt_proj_softplus` block (`DT_ROWS` in `kernels/dt.cu`).
+/// Rows and channels of one `dt_proj_softplus` block of 256 threads
+/// (`DT_ROWS`, `DT_CH` in `kernels/dt.cu`).
 const DT_ROWS: usize = 8;
-/// Channels of one `dt_proj_softplus` block: small, so that one decode row
-/// (2.8b: 5120 channels) still spreads over 40 multiprocessors.
-const DT_BLOCK: u32 = 128;
+const DT_CH: usize = 32;
 
 /// `dt = softplus(dbc[:, :dt_rank] wt + bias)` for `rows` rows, with `wt` the
 /// transposed `dt_proj`, `[dt_rank, d_inner]` f32 ([`crate::upload_f32_transposed`]).
@@ -212,8 +219,8 @@ pub fn dt_proj_softplus(
         Arg::U32(u(dt_rank)),
         Arg::U32(u(xp)),
     ];
-    let blocks = d_inner.div_ceil(DT_BLOCK as usize) * rows.div_ceil(DT_ROWS);
-    Launch { kernel: "dt_proj_softplus", grid: u(blocks), block: DT_BLOCK, args }
+    let blocks = d_inner.div_ceil(DT_CH) * rows.div_ceil(DT_ROWS);
+    Launch { kernel: "dt_proj_softplus", grid: u(blocks), block: 256, args }
 }
 
 /// A ragged batch as the kernels read it: `[offsets (n+1) | slots (n) | seq_of_row (rows)]`.
@@ -346,6 +353,24 @@ pub fn scan_shape(d_state: usize) -> (u32, u32) {
     }
 }
 
+/// Units of (sequence, channel) from which [`scan`] gives each lane four
+/// times the states: with 16 lanes of one state each, a 2.8b step at batch
+/// 256 is 21M threads whose short lives (a few dependent loads each) are
+/// bound by how fast blocks start, not by the state traffic.
+pub const SCAN_NARROW_UNITS: usize = 1 << 16;
+
+/// [`scan_shape`] for `units` (sequence, channel) pairs: a quarter of the
+/// lanes (at least 1), each with up to four times the states, from
+/// [`SCAN_NARROW_UNITS`] units on.
+pub fn scan_shape_for(d_state: usize, units: usize) -> (u32, u32) {
+    let (group, npt) = scan_shape(d_state);
+    if units < SCAN_NARROW_UNITS || npt > 1 {
+        return (group, npt);
+    }
+    let group = (group / 4).max(1);
+    (group, d_state.div_ceil(group as usize) as u32)
+}
+
 pub(crate) const SCAN_KERNELS: [&str; 8] = [
     "selective_scan_1",
     "selective_scan_2",
@@ -379,7 +404,19 @@ pub fn scan(
     cfg: &mamba_core::MambaConfig,
     place: StatePlace,
 ) -> Launch {
-    let (group, npt) = scan_shape(cfg.d_state);
+    scan_with_shape(p, batch, n_seqs, cfg, place, scan_shape_for(cfg.d_state, n_seqs * cfg.d_inner))
+}
+
+/// [`scan`] with `(lanes per unit, states per lane)` given: `lanes * states >= d_state`,
+/// lanes a power of two <= 32, states <= 8.
+pub fn scan_with_shape(
+    p: ScanPtrs,
+    batch: BatchPtrs,
+    n_seqs: usize,
+    cfg: &mamba_core::MambaConfig,
+    place: StatePlace,
+    (group, npt): (u32, u32),
+) -> Launch {
     let threads = (n_seqs * cfg.d_inner) as u64 * group as u64;
     const BLOCK: u64 = 128;
     let args = vec![
@@ -462,7 +499,9 @@ pub struct ChunkPtrs {
 /// parallel, the carry along each sequence's chunks (which also leaves the
 /// final state in the slot), then y of every chunk from its entering state.
 /// Same results as [`scan`] up to rounding, with `n_chunks` times the
-/// parallelism along the sequence, for twice the scan arithmetic.
+/// parallelism along the sequence, for twice the scan arithmetic. `shape`
+/// as for [`scan_with_shape`]; [`scan_shape_for`] of the `n_chunks *
+/// d_inner` units is the one to use.
 pub fn scan_chunked(
     p: ScanPtrs,
     slots: u64,
@@ -470,8 +509,8 @@ pub fn scan_chunked(
     ch: ChunkPtrs,
     cfg: &mamba_core::MambaConfig,
     place: StatePlace,
+    (group, npt): (u32, u32),
 ) -> [Launch; 3] {
-    let (group, npt) = scan_shape(cfg.d_state);
     let k = (npt as usize).clamp(1, 8) - 1;
     let c = ch.n_chunks as u64;
     let (starts, ends, first) = (ch.desc, ch.desc + 4 * c, ch.desc + 8 * c);

@@ -172,6 +172,9 @@ struct Emu;
 thread_local! {
     /// Chunk length of the emulated prefill scan (0: the plain scan), per test thread.
     static SCAN_CHUNK: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Scans take the narrow shape (a quarter of the lanes, more states each)
+    /// at any size, as large batches do on the device.
+    static SCAN_NARROW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 fn bias_ptr(b: Option<&EmuWeight>) -> u64 {
@@ -375,7 +378,11 @@ impl MambaOps for Emu {
             let ch = plan::ChunkPtrs { desc: p(&cdesc), n_chunks, h: p(&h), dt_sum: p(&dt_sum) };
             let ptrs = scan_ptrs(layer, act, states, y);
             let slots = BatchPtrs::at(p(&desc), batch.len()).slots;
-            for l in plan::scan_chunked(ptrs, slots, batch.len(), ch, cfg, StatePlace::of(cfg, layer.index)) {
+            let units = if SCAN_NARROW.with(|c| c.get()) { usize::MAX } else { n_chunks * cfg.d_inner };
+            let shape = plan::scan_shape_for(cfg.d_state, units);
+            for l in
+                plan::scan_chunked(ptrs, slots, batch.len(), ch, cfg, StatePlace::of(cfg, layer.index), shape)
+            {
                 run(&l);
             }
             return Ok(());
@@ -436,7 +443,10 @@ fn scan(
 ) {
     let cfg = layer.cfg;
     let ptrs = scan_ptrs(layer, act, states, y);
-    run(&plan::scan(ptrs, BatchPtrs::at(p(desc), n_seqs), n_seqs, cfg, StatePlace::of(cfg, layer.index)));
+    let units = if SCAN_NARROW.with(|c| c.get()) { usize::MAX } else { n_seqs * cfg.d_inner };
+    let shape = plan::scan_shape_for(cfg.d_state, units);
+    let (batch, place) = (BatchPtrs::at(p(desc), n_seqs), StatePlace::of(cfg, layer.index));
+    run(&plan::scan_with_shape(ptrs, batch, n_seqs, cfg, place, shape));
 }
 
 /// `None` after printing why, when the emulator cannot be built here.
@@ -733,6 +743,46 @@ fn emulated_chunked_scan_equals_the_plain_scan() {
     }
 }
 
+#[test]
+fn emulated_narrow_scan_equals_the_default_scan() {
+    if !ready() {
+        return;
+    }
+    // d_state 5 -> 2 lanes x 3 states, 16 -> 4 x 4; 40 keeps 32 x 2. Ragged
+    // prefills twice (the second from the first's states), plain and chunked.
+    for d_state in [5usize, 16, 40] {
+        assert!(plan::scan_shape_for(d_state, usize::MAX).1 <= 8);
+        let hm = HostModel::new(d_state, 4, true);
+        let (layers, emb, norm_f) = hm.model();
+        let m = Model { cfg: hm.cfg, embedding: emb, layers: &layers, norm_f, lm_head: None };
+        let parts = upload(&m);
+        let em = emu_model(m.cfg, &parts);
+        let seqs: Vec<Vec<u32>> = [7usize, 1, 4]
+            .iter()
+            .map(|&n| (0..n as u32).map(|i| (i * 29 + n as u32) % 97).collect())
+            .collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let run_with = |narrow: bool, chunk: usize| {
+            SCAN_NARROW.with(|c| c.set(narrow));
+            SCAN_CHUNK.with(|c| c.set(chunk));
+            let out = emu_prefill_twice(&em, &refs, &[1, 2, 0], 3);
+            SCAN_NARROW.with(|c| c.set(false));
+            SCAN_CHUNK.with(|c| c.set(0));
+            out
+        };
+        let (logits, states) = run_with(false, 0);
+        // The plain scan, then the chunked scan (chunks of 2 tokens).
+        for chunk in [0, 2] {
+            let (n_logits, n_states) = run_with(true, chunk);
+            let what = format!("d_state {d_state}, chunk {chunk}: narrow vs default scan");
+            let want: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+            assert_close(&format!("{what} logits"), &n_logits, &want, 1e-4);
+            let want: Vec<f64> = states.iter().map(|&v| v as f64).collect();
+            assert_close(&format!("{what} final states"), &n_states, &want, 1e-4);
+        }
+    }
+}
+
 /// Two ragged prefills in a row (the second continues the first's states).
 fn emu_prefill_twice(
     m: &Model<'_, EmuWeight>,
@@ -792,7 +842,7 @@ fn emulated_decode_kernel_splits_k_between_warps() {
             let x: Vec<f32> = (0..rows * k).map(|_| r()).collect();
             // glibc's malloc aligns to 16 bytes, so the vector path runs where k allows.
             assert!(p(&x).is_multiple_of(16) && wp.is_multiple_of(16));
-            for split in [1u32, 8] {
+            for split in [1u32, 2, 4, 8] {
                 for with_bias in [false, true] {
                     let out = vec![f32::NAN; rows * n_out];
                     let b = if with_bias { p(&bias) } else { 0 };
@@ -823,9 +873,10 @@ fn emulated_dt_proj_fills_partial_tiles_and_long_ranks() {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     };
-    // Channel counts past a block, row counts past a tile, ranks past a chunk of 32.
+    // Channel counts past a block of 32, row counts past a tile of 8, ranks past
+    // the 256 staged per pass and fewer than the 8 warps.
     for (rows, d_inner, dt_rank, d_state) in
-        [(1usize, 200usize, 33usize, 4usize), (9, 130, 70, 16), (17, 64, 1, 1)]
+        [(1usize, 200usize, 33usize, 4usize), (9, 130, 70, 16), (17, 64, 1, 1), (3, 40, 300, 2)]
     {
         let xp = dt_rank + 2 * d_state;
         let dbc: Vec<f32> = (0..rows * xp).map(|_| r() * 3.0).collect();

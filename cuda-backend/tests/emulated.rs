@@ -809,17 +809,22 @@ fn emu_prefill_twice(
     (logits, states)
 }
 
+/// Values uniform in [-1, 1) from `seed` (a 64-bit LCG's top bits).
+fn uniforms(mut seed: u64) -> impl FnMut() -> f32 {
+    move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
 #[test]
 fn emulated_decode_kernel_splits_k_between_warps() {
     if !ready() {
         return;
     }
-    // Both block layouts, every row count, odd and vector-friendly k, with and without bias.
-    let mut seed = 5u64;
-    let mut r = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    // Every block layout (split 1, 2, 4, 8), every row count, odd and
+    // vector-friendly k, with and without bias.
+    let mut r = uniforms(5);
     // k 2056 and 9000 run the unrolled loop and its tail; f32 and bf16 weights.
     for (n_out, k, dtype) in [
         (13usize, 2056usize, DType::BF16),
@@ -868,11 +873,7 @@ fn emulated_dt_proj_fills_partial_tiles_and_long_ranks() {
     if !ready() {
         return;
     }
-    let mut seed = 11u64;
-    let mut r = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut r = uniforms(11);
     // Channel counts past a block of 32, row counts past a tile of 8, ranks past
     // the 256 staged per pass and fewer than the 8 warps.
     for (rows, d_inner, dt_rank, d_state) in

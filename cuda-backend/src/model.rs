@@ -33,7 +33,7 @@ impl DeviceModel {
                     conv_w: upload_f32(st, &l.conv_w)?,
                     conv_b: opt(&l.conv_b)?,
                     x_proj: upload_stored(st, &l.x_proj)?,
-                    // Transposed: the dt kernel reads it a channel per thread.
+                    // Transposed, [dt_rank, d_inner]: a warp of the dt kernel reads 32 channels of one rank.
                     dt_proj: upload_f32_transposed(st, &l.dt_proj)?,
                     dt_proj_t: None,
                     dt_bias: upload_f32(st, &l.dt_bias)?,

@@ -238,9 +238,12 @@ pub fn step<O: MambaOps>(
     let cfg = &model.cfg;
     let b = tokens.len();
     ops.embed(&model.embedding, tokens, s.residual)?;
+    // Each layer's input norm is in `normed` when it starts: the first from
+    // the embedding, the others from the previous layer's add_rms_norm.
+    let first_norm = model.layers.first().map_or(&model.norm_f, |l| &l.norm);
+    ops.rms_norm(s.residual, b, first_norm, cfg.eps, s.normed)?;
     for (index, lw) in model.layers.iter().enumerate() {
         let layer = Layer { cfg, w: lw, index };
-        ops.rms_norm(s.residual, b, &lw.norm, cfg.eps, s.normed)?;
         ops.linear(s.normed, b, &lw.in_proj, lw.in_proj_bias.as_ref(), s.xz)?;
         ops.conv1d_step(layer, slots, s.xz, states, s.xc)?;
         ops.linear(s.xc, b, &lw.x_proj, None, s.dbc)?;
@@ -248,11 +251,12 @@ pub fn step<O: MambaOps>(
         let act = ScanBufs { x: &*s.xc, dt: &*s.dt, dbc: &*s.dbc, xz: &*s.xz };
         ops.scan_step(layer, slots, act, states, s.y)?;
         ops.linear(s.y, b, &lw.out_proj, lw.out_proj_bias.as_ref(), s.normed)?;
-        ops.add_assign(s.residual, s.normed, b * cfg.d_model)?;
+        // The residual add, then the next layer's norm (the final norm after the last).
+        let next_norm = model.layers.get(index + 1).map_or(&model.norm_f, |l| &l.norm);
+        ops.add_rms_norm(s.residual, s.normed, b, cfg.d_model, next_norm, cfg.eps)?;
     }
     if b > 0 {
-        // Every row wants logits: norm straight from the residual.
-        ops.rms_norm(s.residual, b, &model.norm_f, cfg.eps, s.normed)?;
+        // Every row wants logits: `normed` holds the final norm of the residual.
         ops.linear(s.normed, b, model.head(), None, s.logits)?;
     }
     Ok(())

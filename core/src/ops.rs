@@ -115,6 +115,25 @@ pub trait MambaOps {
     /// `acc[..len] += x[..len]` (the residual add, f32).
     fn add_assign(&self, acc: &mut Self::Buf, x: &Self::Buf, len: usize) -> Result<(), Self::Error>;
 
+    /// A layer's residual add and the next norm: `acc += x`, then `x =
+    /// RMSNorm(acc)` with weight `w`, over `rows` rows of `d_model`
+    /// (`[rows, d_model]` both). The decode step calls this between layers;
+    /// a backend may fuse the two passes (the GPU saves a launch a layer).
+    /// The result must equal [`add_assign`](Self::add_assign) then
+    /// [`rms_norm`](Self::rms_norm), which is the default.
+    fn add_rms_norm(
+        &self,
+        acc: &mut Self::Buf,
+        x: &mut Self::Buf,
+        rows: usize,
+        d_model: usize,
+        w: &Self::Weight,
+        eps: f32,
+    ) -> Result<(), Self::Error> {
+        self.add_assign(acc, x, rows * d_model)?;
+        self.rms_norm(acc, rows, w, eps, x)
+    }
+
     /// `out = x W^T (+ bias)`: x `[rows, in]`, W `[out, in]`, out `[rows, out]`.
     fn linear(
         &self,

@@ -64,6 +64,8 @@ static const Named KERNELS[] = {
      [](void** p) { embed_bf16(A(0, const __nv_bfloat16*), A(1, const u32*), A(2, float*), A(3, u32), A(4, u32)); }},
     {"rms_norm",
      [](void** p) { rms_norm(A(0, const float*), A(1, const float*), A(2, float*), A(3, u32), A(4, u32), A(5, float)); }},
+    {"add_rms_norm",
+     [](void** p) { add_rms_norm(A(0, float*), A(1, float*), A(2, const float*), A(3, u32), A(4, u32), A(5, float)); }},
     {"add_assign", [](void** p) { add_assign(A(0, float*), A(1, const float*), A(2, u64)); }},
     {"gather_rows",
      [](void** p) { gather_rows(A(0, const float*), A(1, const u32*), A(2, float*), A(3, u32), A(4, u32)); }},

@@ -44,7 +44,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "norm.cu",
         source: include_str!("../kernels/norm.cu"),
-        functions: &["rms_norm", "add_assign", "gather_rows"],
+        functions: &["rms_norm", "add_rms_norm", "add_assign", "gather_rows"],
     },
     KernelFile {
         name: "linear.cu",

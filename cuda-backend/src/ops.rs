@@ -154,6 +154,24 @@ impl MambaOps for CudaBackend {
         self.run(&plan::add_assign(a, xp, len))
     }
 
+    fn add_rms_norm(
+        &self,
+        acc: &mut DeviceBuf,
+        x: &mut DeviceBuf,
+        rows: usize,
+        d_model: usize,
+        w: &DeviceWeight,
+        eps: f32,
+    ) -> Result<()> {
+        let st = &self.stream;
+        w.expect_shape("norm", 1, d_model)?;
+        let a = acc.need("residual", rows * d_model, st)?;
+        let xp = x.need("residual delta", rows * d_model, st)?;
+        let wp = w.f32_ptr("norm", st)?;
+        to_u32(rows, "rows")?;
+        self.run(&plan::add_rms_norm(a, xp, wp, rows, d_model, eps))
+    }
+
     fn linear(
         &self,
         x: &DeviceBuf,

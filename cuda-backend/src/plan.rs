@@ -53,14 +53,30 @@ pub fn embed(dtype: DType, table: u64, ids: u64, out: u64, n: usize, d_model: us
     elems(kernel, (n * d_model) as u64, args)
 }
 
-/// RMSNorm of `rows` rows of width `d`; one block per row, of 1024 threads
-/// for a few rows (a decode step's one row of 2560 is then 3 values a
-/// thread, not 10 in a row), else 256.
+/// Threads of a norm block (one block per row): 1024 for a few rows (a
+/// decode step's one row of 2560 is then 3 values a thread, not 10 in a
+/// row), else 256.
+fn norm_block(rows: usize) -> u32 {
+    if rows < 64 {
+        1024
+    } else {
+        256
+    }
+}
+
+/// RMSNorm of `rows` rows of width `d`.
 pub fn rms_norm(x: u64, w: u64, out: u64, rows: usize, d: usize, eps: f32) -> Launch {
     let args =
         vec![Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(out), Arg::U32(u(rows)), Arg::U32(u(d)), Arg::F32(eps)];
-    let block = if rows < 64 { 1024 } else { 256 };
-    Launch { kernel: "rms_norm", grid: u(rows), block, args }
+    Launch { kernel: "rms_norm", grid: u(rows), block: norm_block(rows), args }
+}
+
+/// `acc += x`, then `x = RMSNorm(acc) * w`, over `rows` rows of width `d`
+/// (the same block size as [`rms_norm`], so the same bits as the two apart).
+pub fn add_rms_norm(acc: u64, x: u64, w: u64, rows: usize, d: usize, eps: f32) -> Launch {
+    let args =
+        vec![Arg::Ptr(acc), Arg::Ptr(x), Arg::Ptr(w), Arg::U32(u(rows)), Arg::U32(u(d)), Arg::F32(eps)];
+    Launch { kernel: "add_rms_norm", grid: u(rows), block: norm_block(rows), args }
 }
 
 /// `acc[..len] += x[..len]`.

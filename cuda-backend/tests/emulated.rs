@@ -223,6 +223,20 @@ impl MambaOps for Emu {
         Ok(())
     }
 
+    fn add_rms_norm(
+        &self,
+        acc: &mut [f32],
+        x: &mut [f32],
+        rows: usize,
+        d_model: usize,
+        w: &EmuWeight,
+        eps: f32,
+    ) -> Result<(), CoreError> {
+        assert!(acc.len() >= rows * d_model && x.len() >= rows * d_model && w.rows * w.cols == d_model);
+        run(&plan::add_rms_norm(p(acc), p(x), w.ptr(), rows, d_model, eps));
+        Ok(())
+    }
+
     fn linear(
         &self,
         x: &[f32],
@@ -908,5 +922,39 @@ fn emulated_dt_proj_fills_partial_tiles_and_long_ranks() {
             1e-5,
         );
         assert!(dt[rows * d_inner..].iter().all(|v| v.is_nan()), "dt_proj wrote past its rows");
+    }
+}
+
+#[test]
+fn emulated_add_rms_norm_equals_add_then_norm_bit_for_bit() {
+    if !ready() {
+        return;
+    }
+    let mut r = uniforms(3);
+    // 1 row (1024-thread blocks) and 70 rows (256), widths off the block size.
+    for (rows, d) in [(1usize, 2600usize), (70, 300)] {
+        let acc: Vec<f32> = (0..rows * d).map(|_| r() * 5.0).collect();
+        let x: Vec<f32> = (0..rows * d).map(|_| r()).collect();
+        let w: Vec<f32> = (0..d).map(|_| r() + 1.5).collect();
+        let (a1, x1) = (acc.clone(), x.clone());
+        run(&plan::add_rms_norm(p(&a1), p(&x1), p(&w), rows, d, 1e-5));
+        let (a2, x2) = (acc.clone(), x.clone());
+        run(&plan::add_assign(p(&a2), p(&x2), rows * d));
+        run(&plan::rms_norm(p(&a2), p(&w), p(&x2), rows, d, 1e-5));
+        assert!(a1.iter().zip(&a2).all(|(u, v)| u.to_bits() == v.to_bits()), "{rows} rows: residual");
+        assert!(x1.iter().zip(&x2).all(|(u, v)| u.to_bits() == v.to_bits()), "{rows} rows: normed");
+        // And the norm itself, in f64.
+        for t in 0..rows {
+            let row = &a1[t * d..(t + 1) * d];
+            let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+            let inv = 1.0 / (ms + 1e-5).sqrt();
+            let want: Vec<f64> = (0..d).map(|i| row[i] as f64 * inv * w[i] as f64).collect();
+            assert_close(
+                &format!("{rows} rows, row {t}: add_rms_norm"),
+                &x1[t * d..(t + 1) * d],
+                &want,
+                1e-5,
+            );
+        }
     }
 }

@@ -11,7 +11,7 @@
 #   5. the benchmark table: bf16 synthetic 130m/370m/1.4b/2.8b, decode tok/s
 #      at batch 1/16/64/256, prefill tok/s of a 2048-token prompt, beside the
 #      4.3 TB/s bound from weight bytes read per step.
-# Writes gpu-check.log, gpu-check.json, bench.jsonl, gpu-tests.log,
+# Writes gpu-check.log, gpu-check.json, bench.jsonl (bench-base.jsonl), gpu-tests.log,
 # sanitizer.log (and gpu-tests-plain.log when the tests fail) under $OUT
 # (else /tmp/gpu-check). Exit 0 only if every check passed.
 # Usage (device tool): bash tools/gpu-prep.sh here, then
@@ -203,15 +203,27 @@ except Exception as ex:
 PY
 
 : > "$OUTDIR/bench.jsonl"
+: > "$OUTDIR/bench-base.jsonl"
+# With a baseline build (gpu-prep.sh --baseline REV), each shape runs on the
+# baseline right after the current build, so the two share the same minutes.
+BASE="$BIN/mamba-rs-base"
+bench_one() { # binary, shape, output file, time limit
+    timeout -k 5 "$4" "$1" bench --device cuda --shape "$2" --dtype bf16 --batch 1,16,64,256 \
+        --prompt-len 2048 --gen-len 32 --repeat 3 --cuda-graphs --json >> "$3"
+}
 for shape in 130m 370m 1.4b 2.8b; do
     t=$(( $(left) - 15 ))
     if [ "$t" -lt 30 ]; then record "bench-$shape" FAILED "out of time"; continue; fi
+    [ -x "$BASE" ] && t=$(( t / 2 ))
     echo "== bench $shape (up to ${t}s)"
-    if timeout -k 5 "$t" "$MRS" bench --device cuda --shape "$shape" --dtype bf16 --batch 1,16,64,256 \
-        --prompt-len 2048 --gen-len 32 --repeat 3 --cuda-graphs --json >> "$OUTDIR/bench.jsonl"; then
+    if bench_one "$MRS" "$shape" "$OUTDIR/bench.jsonl" "$t"; then
         record "bench-$shape" ok
     else
         record "bench-$shape" FAILED "exit $?"
+    fi
+    if [ -x "$BASE" ]; then
+        bench_one "$BASE" "$shape" "$OUTDIR/bench-base.jsonl" "$t" \
+            && record "bench-$shape-baseline" ok || record "bench-$shape-baseline" FAILED "exit $?"
     fi
 done
 
@@ -219,7 +231,9 @@ python3 - "$OUTDIR" "$(( $(date +%s) - START ))" <<'PY'
 import json, sys
 out, secs = sys.argv[1], int(sys.argv[2])
 steps = [l.rstrip("\n").split("\t") for l in open(f"{out}/steps.tsv") if l.strip()]
-bench = [json.loads(l) for l in open(f"{out}/bench.jsonl") if l.strip().startswith("{")]
+def rows(path):
+    return [json.loads(l) for l in open(path) if l.strip().startswith("{")]
+bench, base = rows(f"{out}/bench.jsonl"), rows(f"{out}/bench-base.jsonl")
 print(f"\n{'shape':<11}{'batch':>6}{'decode tok/s':>14}{'graphs tok/s':>14}{'bound tok/s':>13}{'of bound':>10}"
       f"{'prefill tok/s (2048)':>22}")
 for r in bench:
@@ -229,6 +243,17 @@ for r in bench:
           f"{100 * r['decode_fraction_of_bound']:>9.0f}%{r['prefill_tokens_per_s']:>22.0f}")
     if r.get("decode_graph_error"):
         print(f"  graphs failed: {r['decode_graph_error']}")
+if base:
+    # The current build over the baseline, each the better of eager and graph decode.
+    best = lambda r: max(r["decode_tokens_per_s"], r.get("decode_graph_tokens_per_s") or 0)
+    print(f"\nagainst the baseline {open('.gpu-bin/BASE_COMMIT').read().strip()[:10]} (current / baseline):")
+    print(f"{'shape':<11}{'batch':>6}{'decode base':>13}{'decode now':>12}{'ratio':>7}{'prefill base':>14}{'prefill now':>13}{'ratio':>7}")
+    for r in bench:
+        b = next((x for x in base if x["shape"] == r["shape"] and x["batch"] == r["batch"]), None)
+        if b:
+            print(f"{r['shape']:<11}{r['batch']:>6}{best(b):>13.1f}{best(r):>12.1f}{best(r) / best(b):>7.2f}"
+                  f"{b['prefill_tokens_per_s']:>14.0f}{r['prefill_tokens_per_s']:>13.0f}"
+                  f"{r['prefill_tokens_per_s'] / b['prefill_tokens_per_s']:>7.2f}")
 def get(shape, batch):
     r = next((r for r in bench if r["shape"] == shape and r["batch"] == batch), None)
     if r and r.get("decode_graph_tokens_per_s"):
@@ -250,7 +275,7 @@ print("\nsteps:")
 for s in steps:
     print("  " + "  ".join(s))
 json.dump({"seconds": secs, "steps": [{"name": s[0], "status": s[1], "detail": s[2] if len(s) > 2 else ""} for s in steps],
-           "goals": goals, "bench": bench}, open(f"{out}/gpu-check.json", "w"), indent=1)
+           "goals": goals, "bench": bench, "baseline": base}, open(f"{out}/gpu-check.json", "w"), indent=1)
 PY
 rm -f "$STEPS"
 echo "== gpu-check done in $(( $(date +%s) - START ))s: $([ $FAILED = 0 ] && echo all checks passed || echo SOME CHECKS FAILED)"

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Build, on a machine without a GPU, everything tools/gpu-check.sh runs, into
 # .gpu-bin/ (git-ignored), for a device machine that has no Rust toolchain:
-#   bash tools/gpu-prep.sh
+#   bash tools/gpu-prep.sh [--baseline REV]
+# With --baseline, mamba-rs is also built at REV (in a temporary worktree)
+# as .gpu-bin/mamba-rs-base, and gpu-check.sh benchmarks it beside the
+# current build, shape by shape in the same minutes, and prints the ratios.
 # then, with the device tool: run(command="bash tools/gpu-check.sh",
 # carry=[".gpu-bin"], timeout_s=540). gpu-check.sh builds with cargo itself
 # when cargo is there and .gpu-bin/ is absent.
@@ -9,6 +12,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 out=.gpu-bin
+base=
+if [ "${1:-}" = --baseline ]; then
+    base=$(git rev-parse --verify "${2:?--baseline needs a revision}^{commit}")
+fi
 rm -rf "$out"
 mkdir -p "$out"
 
@@ -26,6 +33,15 @@ target=${CARGO_TARGET_DIR:-target}
 cp "$target/release/mamba-rs" "$out/mamba-rs"
 while read -r name exe; do cp "$exe" "$out/test-$name"; done < "$out/tests.txt"
 rm "$out/tests.txt"
+if [ -n "$base" ]; then
+    echo "== mamba-rs at the baseline $base"
+    wt=$(mktemp -d)
+    git worktree add --detach "$wt" "$base" >/dev/null
+    (cd "$wt" && cargo build --release -p mamba-runtime --bin mamba-rs --target-dir "$root/${CARGO_TARGET_DIR:-target}/baseline")
+    cp "${CARGO_TARGET_DIR:-target}/baseline/release/mamba-rs" "$out/mamba-rs-base"
+    git worktree remove --force "$wt"
+    echo "$base" > "$out/BASE_COMMIT"
+fi
 strip "$out"/* 2>/dev/null || true
 # The test binaries find tests/fixtures through the path they were built at.
 echo "$root" > "$out/ROOT"

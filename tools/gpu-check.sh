@@ -6,7 +6,8 @@
 #   2. build: use .gpu-bin/ when carried (tools/gpu-prep.sh makes it on a
 #      machine without a GPU; the device image may have no Rust), else cargo;
 #   3. the GPU test suite with MAMBA_REQUIRE_GPU=1 (a skip is a failure),
-#      the NVRTC compile test, and CPU-vs-GPU greedy/logits through the CLI;
+#      the NVRTC compile test, CPU-vs-GPU greedy/logits through the CLI, and
+#      the server on each device answering the same completions;
 #   4. compute-sanitizer --tool memcheck over a short generate and a ragged prefill;
 #   5. the benchmark table: bf16 synthetic 130m/370m/1.4b/2.8b, decode tok/s
 #      at batch 1/16/64/256, prefill tok/s of a 2048-token prompt, beside the
@@ -165,6 +166,63 @@ raise SystemExit(0 if d < 3e-2 and len(a) == len(b) == 3 else 1)
 PY
 else
     record cli-ragged-logits FAILED "a command failed"
+fi
+
+# The OpenAI-compatible server on the GPU against the same server on the CPU:
+# greedy completions of a batch of id prompts (with log-probs and echo), and
+# a seeded sampled one, must agree.
+serve_json() { # device, then the python's output file
+    local log="$OUTDIR/serve-$1.log"
+    "$MRS" serve --device "$1" --model tests/fixtures/hf_bf16_untied_sharded --port 0 > "$log" 2>&1 &
+    local pid=$!
+    timeout -k 5 60 python3 - "$log" "$2" <<'PY'
+import json, re, sys, time, urllib.request
+log, out = sys.argv[1], sys.argv[2]
+addr = None
+for _ in range(600):
+    m = re.search(r"http://[0-9.]+:[0-9]+", open(log).read())
+    if m:
+        addr = m.group(0)
+        try:
+            urllib.request.urlopen(addr + "/health", timeout=2)
+            break
+        except Exception:
+            pass
+    time.sleep(0.1)
+def post(body):
+    req = urllib.request.Request(addr + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=30).read())
+greedy = post({"prompt": [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]], "max_tokens": 12, "temperature": 0,
+               "ignore_eos": True, "logprobs": 3, "echo": True})
+sampled = post({"prompt": [3, 1, 4, 1, 5], "max_tokens": 12, "temperature": 0.8, "top_p": 0.9, "seed": 7,
+                "ignore_eos": True, "logprobs": 1})
+json.dump({"greedy": greedy["choices"], "sampled": sampled["choices"]}, open(out, "w"))
+PY
+    local rc=$?
+    kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null
+    return $rc
+}
+if serve_json cpu /tmp/serve-cpu.json && serve_json cuda /tmp/serve-gpu.json; then
+    python3 - <<'PY' && record cli-serve ok || record cli-serve FAILED "CPU and GPU servers disagree"
+import json
+a, b = json.load(open("/tmp/serve-cpu.json")), json.load(open("/tmp/serve-gpu.json"))
+ok = True
+# The fixture's tokenizer gives little text: compare the tokens of the log-probs.
+toks = lambda c: (c["text"], (c.get("logprobs") or {}).get("tokens"))
+for kind in ("greedy", "sampled"):
+    for ca, cb in zip(a[kind], b[kind]):
+        same = toks(ca) == toks(cb) and toks(ca)[1]
+        print(f"serve {kind} {ca['index']}: {'same tokens' if same else f'DIFFERENT: {toks(ca)} vs {toks(cb)}'}")
+        ok &= bool(same)
+    ok &= len(a[kind]) == len(b[kind]) > 0
+la = [v for c in a["greedy"] for v in (c.get("logprobs") or {}).get("token_logprobs", []) if v is not None]
+lb = [v for c in b["greedy"] for v in (c.get("logprobs") or {}).get("token_logprobs", []) if v is not None]
+d = max((abs(x - y) for x, y in zip(la, lb)), default=float("nan"))
+print(f"serve log-probs ({len(la)}), CPU vs GPU: max |diff| {d:.2e}")
+raise SystemExit(0 if ok and la and len(la) == len(lb) and d < 3e-2 else 1)
+PY
+else
+    record cli-serve FAILED "a server did not answer (see serve-cpu.log, serve-cuda.log)"
 fi
 
 # ---- 4. compute-sanitizer ----------------------------------------------------

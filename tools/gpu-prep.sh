@@ -37,8 +37,11 @@ if [ -n "$base" ]; then
     echo "== mamba-rs at the baseline $base"
     wt=$(mktemp -d)
     git worktree add --detach "$wt" "$base" >/dev/null
-    (cd "$wt" && cargo build --release -p mamba-runtime --bin mamba-rs --target-dir "$root/${CARGO_TARGET_DIR:-target}/baseline")
-    cp "${CARGO_TARGET_DIR:-target}/baseline/release/mamba-rs" "$out/mamba-rs-base"
+    # Its own target folder beside ours (CARGO_TARGET_DIR may be relative or absolute).
+    base_target=$target/baseline
+    case $base_target in /*) ;; *) base_target=$root/$base_target ;; esac
+    (cd "$wt" && cargo build --release -p mamba-runtime --bin mamba-rs --target-dir "$base_target")
+    cp "$base_target/release/mamba-rs" "$out/mamba-rs-base"
     git worktree remove --force "$wt"
     echo "$base" > "$out/BASE_COMMIT"
 fi

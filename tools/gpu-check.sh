@@ -172,7 +172,8 @@ fi
 # greedy completions of a batch of id prompts (with log-probs and echo), and
 # a seeded sampled one, must agree.
 serve_json() { # device, then the python's output file
-    local log="$OUTDIR/serve-$1.log"
+    # In /tmp: the device tool brings back at most 8 files from $OUT (copied there on failure).
+    local log="/tmp/serve-$1.log"
     "$MRS" serve --device "$1" --model tests/fixtures/hf_bf16_untied_sharded --port 0 > "$log" 2>&1 &
     local pid=$!
     timeout -k 5 60 python3 - "$log" "$2" <<'PY'
@@ -222,6 +223,8 @@ print(f"serve log-probs ({len(la)}), CPU vs GPU: max |diff| {d:.2e}")
 raise SystemExit(0 if ok and la and len(la) == len(lb) and d < 3e-2 else 1)
 PY
 else
+    cp /tmp/serve-cpu.log /tmp/serve-cuda.log "$OUTDIR/" 2>/dev/null
+    tail -5 /tmp/serve-cuda.log 2>/dev/null
     record cli-serve FAILED "a server did not answer (see serve-cpu.log, serve-cuda.log)"
 fi
 
@@ -261,7 +264,7 @@ except Exception as ex:
 PY
 
 : > "$OUTDIR/bench.jsonl"
-: > "$OUTDIR/bench-base.jsonl"
+[ -x "$BIN/mamba-rs-base" ] && : > "$OUTDIR/bench-base.jsonl"
 # With a baseline build (gpu-prep.sh --baseline REV), each shape runs on the
 # baseline right after the current build, so the two share the same minutes.
 BASE="$BIN/mamba-rs-base"
@@ -286,12 +289,13 @@ for shape in 130m 370m 1.4b 2.8b; do
 done
 
 python3 - "$OUTDIR" "$(( $(date +%s) - START ))" <<'PY'
-import json, sys
+import json, os, sys
 out, secs = sys.argv[1], int(sys.argv[2])
 steps = [l.rstrip("\n").split("\t") for l in open(f"{out}/steps.tsv") if l.strip()]
 def rows(path):
     return [json.loads(l) for l in open(path) if l.strip().startswith("{")]
-bench, base = rows(f"{out}/bench.jsonl"), rows(f"{out}/bench-base.jsonl")
+bench = rows(f"{out}/bench.jsonl")
+base = rows(f"{out}/bench-base.jsonl") if os.path.exists(f"{out}/bench-base.jsonl") else []
 print(f"\n{'shape':<11}{'batch':>6}{'decode tok/s':>14}{'graphs tok/s':>14}{'bound tok/s':>13}{'of bound':>10}"
       f"{'prefill tok/s (2048)':>22}")
 for r in bench:

@@ -18,8 +18,11 @@ profile() { # name, then the bench arguments
     local name=$1; shift
     echo "== ncu: $name: $*"
     timeout -k 5 "${PROFILE_TIMEOUT_S:-150}" "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
-        --print-units base --page raw "$MRS" bench --device cuda "$@" > "$OUTDIR/profile-$name.csv" 2> "$OUTDIR/profile-$name.err"
-    echo "exit $?"
+        --print-units base --page raw "$MRS" bench --device cuda "$@" > "$OUTDIR/profile-$name.csv" 2> "/tmp/profile-$name.err"
+    local rc=$?
+    echo "exit $rc"
+    # The device tool brings back at most 8 files from $OUT: ncu's stderr only when it failed.
+    [ "$rc" = 0 ] || { tail -5 "/tmp/profile-$name.err"; cp "/tmp/profile-$name.err" "$OUTDIR/"; }
     python3 tools/ncu-summary.py "$OUTDIR/profile-$name.csv" 12
 }
 profile 130m-b1 --shape 130m --dtype bf16 --batch 1 --prompt-len 64 --gen-len 2 --repeat 1

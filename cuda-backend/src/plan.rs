@@ -411,6 +411,15 @@ pub struct ScanPtrs {
     pub y: u64,
 }
 
+/// A launch of a scan kernel family (plain, chunk ends, chunk outputs):
+/// `units` (sequence or chunk, channel) pairs of `group` lanes each, in
+/// blocks of 128 threads, by the member for `npt` states per lane.
+fn scan_launch(family: &[&'static str; 8], (group, npt): (u32, u32), units: usize, args: Vec<Arg>) -> Launch {
+    const BLOCK: usize = 128;
+    let kernel = family[(npt as usize).clamp(1, 8) - 1];
+    Launch { kernel, grid: u((units * group as usize).div_ceil(BLOCK)), block: BLOCK as u32, args }
+}
+
 /// Selective scan + D skip + SiLU(z) gate over `n_seqs` sequences (rows per
 /// `batch.offsets`), from and into each slot's SSM state. `d_state <= 256`.
 pub fn scan(
@@ -431,10 +440,8 @@ pub fn scan_with_shape(
     n_seqs: usize,
     cfg: &mamba_core::MambaConfig,
     place: StatePlace,
-    (group, npt): (u32, u32),
+    shape: (u32, u32),
 ) -> Launch {
-    let threads = (n_seqs * cfg.d_inner) as u64 * group as u64;
-    const BLOCK: u64 = 128;
     let args = vec![
         Arg::Ptr(p.x),
         Arg::Ptr(p.dt),
@@ -452,10 +459,9 @@ pub fn scan_with_shape(
         Arg::U32(u(cfg.dt_rank)),
         Arg::U64(place.slot_len),
         Arg::U64(place.ssm_off),
-        Arg::U32(group),
+        Arg::U32(shape.0),
     ];
-    let kernel = SCAN_KERNELS[(npt as usize).clamp(1, 8) - 1];
-    Launch { kernel, grid: u(threads.div_ceil(BLOCK) as usize), block: BLOCK as u32, args }
+    scan_launch(&SCAN_KERNELS, shape, n_seqs * cfg.d_inner, args)
 }
 
 pub(crate) const CHUNK_END: [&str; 8] = [
@@ -525,13 +531,11 @@ pub fn scan_chunked(
     ch: ChunkPtrs,
     cfg: &mamba_core::MambaConfig,
     place: StatePlace,
-    (group, npt): (u32, u32),
+    shape: (u32, u32),
 ) -> [Launch; 3] {
-    let k = (npt as usize).clamp(1, 8) - 1;
+    let group = shape.0;
     let c = ch.n_chunks as u64;
     let (starts, ends, first) = (ch.desc, ch.desc + 4 * c, ch.desc + 8 * c);
-    const BLOCK: u64 = 128;
-    let grid = u(((c * cfg.d_inner as u64 * group as u64).div_ceil(BLOCK)) as usize);
     let (di, ns, r) = (Arg::U32(u(cfg.d_inner)), Arg::U32(u(cfg.d_state)), Arg::U32(u(cfg.dt_rank)));
     let end_args = vec![
         Arg::Ptr(p.x),
@@ -579,9 +583,9 @@ pub fn scan_chunked(
         Arg::U32(group),
     ];
     [
-        Launch { kernel: CHUNK_END[k], grid, block: BLOCK as u32, args: end_args },
+        scan_launch(&CHUNK_END, shape, ch.n_chunks * cfg.d_inner, end_args),
         elems("chunk_carry", (n_seqs * cfg.d_inner * cfg.d_state) as u64, carry_args),
-        Launch { kernel: CHUNK_Y[k], grid, block: BLOCK as u32, args: y_args },
+        scan_launch(&CHUNK_Y, shape, ch.n_chunks * cfg.d_inner, y_args),
     ]
 }
 

@@ -43,12 +43,11 @@ extern "C" __global__ void dt_proj_softplus(const float* dbc, const float* wt, c
 #pragma unroll
     for (int j = 0; j < DT_ROWS; ++j) part[g][j][lane] = acc[j];
     __syncthreads();
-    // Thread (j, lane) of the block finishes row t0 + j, channel d.
-    const u32 j = threadIdx.x >> 5;
-    const u64 t = t0 + j;
+    // Warp g now finishes row t0 + g (DT_WARPS == DT_ROWS), lane its channel d.
+    const u64 t = t0 + g;
     if (d >= d_inner || t >= rows) return;
     float s = 0.0f;
 #pragma unroll
-    for (int w = 0; w < DT_WARPS; ++w) s += part[w][j][lane];
+    for (int w = 0; w < DT_WARPS; ++w) s += part[w][g][lane];
     dt[t * d_inner + d] = softplus(s + dt_bias[d]);
 }

@@ -23,6 +23,14 @@ pub trait Parallel: Sync {
     fn for_each_chunk(&self, data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync));
     /// Call `f(i)` for every task `i` in `0..n`.
     fn for_each_task(&self, n: usize, f: &(dyn Fn(usize) + Sync));
+    /// Call `f(i)` once for every thread index `i` in `0..threads()`. A pool
+    /// that can runs index `i` on the same thread from call to call, so what
+    /// one call wrote under an index is in that thread's cache in the next
+    /// (the decode step's channels, see [`CpuBackend`]); the default promises
+    /// no placement.
+    fn for_each_thread(&self, f: &(dyn Fn(usize) + Sync)) {
+        self.for_each_task(self.threads(), f)
+    }
 }
 
 /// Runs every chunk on the calling thread.
@@ -61,22 +69,58 @@ impl<'a> CpuBackend<'a> {
         CpuBackend { par }
     }
 
-    /// `f(i, channels)` for each of `b` sequences and ranges of its `d_inner`
-    /// channels, over the threads: every thread gets a couple of tasks
-    /// without cutting channels thinner than 64.
-    fn per_seq_channels(&self, b: usize, d_inner: usize, f: &(dyn Fn(usize, Range<usize>) + Sync)) {
+    /// Whether a step of `b` sequences splits the channels between the
+    /// threads (each thread its own, [`Self::owned_channels`]) rather than
+    /// the sequences: below two sequences a thread.
+    fn owns_channels(&self, b: usize) -> bool {
         let threads = self.par.threads();
-        let chunks = if threads <= 1 {
-            1
-        } else {
-            (threads * 2).div_ceil(b.max(1)).clamp(1, d_inner.div_ceil(64).max(1))
-        };
-        let per = d_inner.div_ceil(chunks);
-        self.par.for_each_task(b * chunks, &|task| {
-            let (i, d0) = (task / chunks, (task % chunks) * per);
-            f(i, d0..(d0 + per).min(d_inner))
-        });
+        threads > 1 && b < 2 * threads
     }
+
+    /// The channels of `d_inner` that thread `t` owns at a small batch: its
+    /// rows of in_proj's x and z halves, its conv, dt and scan. One owner
+    /// from op to op, and from token to token through
+    /// [`Parallel::for_each_thread`], keeps a token's activations and a
+    /// channel's states in one core's caches: with the channels handed out
+    /// by a shared counter, batch-1 decode moved them between the cores at
+    /// every op (conv, dt and scan took longer on two threads than on one).
+    /// Multiples of 16 channels: the AVX-512 conv and scan blocks.
+    fn owned_channels(&self, t: usize, d_inner: usize) -> Range<usize> {
+        let per = d_inner.div_ceil(self.par.threads()).next_multiple_of(16);
+        (t * per).min(d_inner)..((t + 1) * per).min(d_inner)
+    }
+
+    /// `f(i, channels)` for each of `b` sequences and ranges of its `d_inner`
+    /// channels, over the threads: each thread its own channels of every
+    /// sequence at a small batch, else whole sequences.
+    fn per_seq_channels(&self, b: usize, d_inner: usize, f: &(dyn Fn(usize, Range<usize>) + Sync)) {
+        if self.owns_channels(b) {
+            self.par.for_each_thread(&|t| {
+                let ch = self.owned_channels(t, d_inner);
+                if !ch.is_empty() {
+                    (0..b).for_each(|i| f(i, ch.clone()));
+                }
+            });
+        } else {
+            self.par.for_each_task(b, &|i| f(i, 0..d_inner));
+        }
+    }
+}
+
+/// `out[t][f0..f1] = x[t] . w[f0..f1] (+ bias)` for the `rows` token rows,
+/// `out` being `[rows, w.rows]`: one thread's share of a product.
+fn product_part(
+    x: &[f32],
+    rows: usize,
+    w: &Tensor<'_>,
+    bias: Option<&Tensor<'_>>,
+    f: Range<usize>,
+    out: &Disjoint<'_>,
+) {
+    let n_out = w.rows;
+    kernels::linear(x, rows, w, bias, (f.start, f.end), |t, o, v| {
+        kernels::copy_run(out.part(t * n_out + o..t * n_out + o + v.len()), v)
+    })
 }
 
 fn need<'b>(what: &'static str, buf: &'b [f32], n: usize) -> Result<&'b [f32], CoreError> {
@@ -222,11 +266,32 @@ impl<'a> MambaOps for CpuBackend<'a> {
         // the weights, once, for all rows (decode and prefill alike).
         let (bounds, tasks) = feature_chunks(n_out, self.par.threads());
         let out = Disjoint::new(out);
-        self.par.for_each_task(tasks, &|i| {
-            let f = (bounds[i], bounds[i + 1]);
-            kernels::linear(x, rows, w, bias, f, |t, o, v| {
-                kernels::copy_run(out.part(t * n_out + o..t * n_out + o + v.len()), v)
-            })
+        self.par.for_each_task(tasks, &|i| product_part(x, rows, w, bias, bounds[i]..bounds[i + 1], &out));
+        Ok(())
+    }
+
+    fn in_proj(
+        &self,
+        layer: Layer<'_, Tensor<'a>>,
+        x: &[f32],
+        rows: usize,
+        xz: &mut [f32],
+    ) -> Result<(), CoreError> {
+        let (lw, di) = (layer.w, layer.cfg.d_inner);
+        let (w, bias) = (&lw.in_proj, lw.in_proj_bias.as_ref());
+        if !self.owns_channels(rows) || w.rows != 2 * di {
+            return self.linear(x, rows, w, bias, xz);
+        }
+        if let Some(b) = bias {
+            b.expect_shape("linear bias", 1, w.rows)?;
+        }
+        let x = need("linear x", x, rows * w.cols)?;
+        let out = Disjoint::new(need_mut("linear out", xz, rows * w.rows)?);
+        // Each thread the x and z rows of the channels it will conv and scan.
+        self.par.for_each_thread(&|t| {
+            let ch = self.owned_channels(t, di);
+            product_part(x, rows, w, bias, ch.clone(), &out);
+            product_part(x, rows, w, bias, di + ch.start..di + ch.end, &out);
         });
         Ok(())
     }
@@ -243,7 +308,7 @@ impl<'a> MambaOps for CpuBackend<'a> {
         let dbc = need("dbc", dbc, rows * xp)?;
         let dt = need_mut("dt", dt, rows * cfg.d_inner)?;
         let (di, threads) = (cfg.d_inner, self.par.threads());
-        if rows >= threads * 2 {
+        if !self.owns_channels(rows) {
             let per = rows_per_task(rows, threads) * di;
             self.par.for_each_chunk(dt, per, &|start, o| {
                 let (r0, nr) = (start / di, o.len() / di);
@@ -259,8 +324,8 @@ impl<'a> MambaOps for CpuBackend<'a> {
                 )
             });
         } else {
-            // Too few rows to keep every thread busy (decode): split each
-            // row's channels too.
+            // Too few rows to keep every thread busy (decode): each thread
+            // its own channels of every row.
             let dt = Disjoint::new(dt);
             self.per_seq_channels(rows, di, &|t, ch| {
                 let o = dt.part(t * di + ch.start..t * di + ch.end);
@@ -466,7 +531,63 @@ impl<'a> MambaOps for CpuBackend<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::{feature_chunks, MAX_CHUNKS};
+    use super::{feature_chunks, CpuBackend, Parallel, MAX_CHUNKS};
+    use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
+
+    /// Claims `threads` threads, runs everything in place.
+    struct Claims(usize);
+
+    impl Parallel for Claims {
+        fn threads(&self) -> usize {
+            self.0
+        }
+        fn for_each_chunk(&self, data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+            super::Sequential.for_each_chunk(data, chunk, f)
+        }
+        fn for_each_task(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+            (0..n).for_each(f)
+        }
+    }
+
+    #[test]
+    fn owned_channels_cover_d_inner_once_in_blocks_of_16() {
+        for threads in [1, 2, 3, 7, 16] {
+            let par = Claims(threads);
+            let cpu = CpuBackend::new(&par);
+            assert_eq!(cpu.owns_channels(1), threads > 1);
+            assert_eq!(cpu.owns_channels(2 * threads - 1), threads > 1);
+            assert!(!cpu.owns_channels(2 * threads));
+            for d_inner in [16, 32, 40, 1536, 5120] {
+                let mut next = 0;
+                for t in 0..threads {
+                    let r = cpu.owned_channels(t, d_inner);
+                    assert_eq!(
+                        r.start,
+                        next.min(d_inner),
+                        "threads {threads}, d_inner {d_inner}, thread {t}"
+                    );
+                    assert!(
+                        r.start.is_multiple_of(16) || r.is_empty(),
+                        "threads {threads}, d_inner {d_inner}: {r:?}"
+                    );
+                    next = r.end.max(next);
+                }
+                assert_eq!(next, d_inner, "threads {threads}, d_inner {d_inner}");
+                let calls = AtomicUsize::new(0);
+                let seen = [const { AtomicU8::new(0) }; 5120];
+                cpu.per_seq_channels(1, d_inner, &|i, ch| {
+                    assert_eq!(i, 0);
+                    calls.fetch_add(1, Relaxed);
+                    ch.for_each(|c| {
+                        seen[c].fetch_add(1, Relaxed);
+                    });
+                });
+                let once = seen[..d_inner].iter().all(|n| n.load(Relaxed) == 1);
+                assert!(once, "threads {threads}, d_inner {d_inner}");
+                assert!(calls.load(Relaxed) <= threads);
+            }
+        }
+    }
 
     #[test]
     fn feature_chunks_cover_the_features_in_shrinking_tile_multiples() {

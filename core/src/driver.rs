@@ -205,7 +205,7 @@ pub fn prefill<O: MambaOps>(
     for (index, lw) in model.layers.iter().enumerate() {
         let layer = Layer { cfg, w: lw, index };
         ops.rms_norm(s.residual, t, &lw.norm, cfg.eps, s.normed)?;
-        ops.linear(s.normed, t, &lw.in_proj, lw.in_proj_bias.as_ref(), s.xz)?;
+        ops.in_proj(layer, s.normed, t, s.xz)?;
         ops.conv1d_prefill(layer, batch, s.xz, states, s.xc)?;
         ops.linear(s.xc, t, &lw.x_proj, None, s.dbc)?;
         ops.dt_proj_softplus(layer, s.dbc, t, s.dt)?;
@@ -244,7 +244,7 @@ pub fn step<O: MambaOps>(
     ops.rms_norm(s.residual, b, first_norm, cfg.eps, s.normed)?;
     for (index, lw) in model.layers.iter().enumerate() {
         let layer = Layer { cfg, w: lw, index };
-        ops.linear(s.normed, b, &lw.in_proj, lw.in_proj_bias.as_ref(), s.xz)?;
+        ops.in_proj(layer, s.normed, b, s.xz)?;
         ops.conv1d_step(layer, slots, s.xz, states, s.xc)?;
         ops.linear(s.xc, b, &lw.x_proj, None, s.dbc)?;
         ops.dt_proj_softplus(layer, s.dbc, b, s.dt)?;

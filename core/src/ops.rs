@@ -144,6 +144,20 @@ pub trait MambaOps {
         out: &mut Self::Buf,
     ) -> Result<(), Self::Error>;
 
+    /// A layer's in_proj: `xz = x in_proj^T (+ bias)`, x `[rows, d_model]`,
+    /// xz `[rows, 2*d_inner]` (x then z). The default is
+    /// [`linear`](Self::linear); a backend may split the rows as it splits
+    /// the channels of the conv and scan that read them.
+    fn in_proj(
+        &self,
+        layer: Layer<'_, Self::Weight>,
+        x: &Self::Buf,
+        rows: usize,
+        xz: &mut Self::Buf,
+    ) -> Result<(), Self::Error> {
+        self.linear(x, rows, &layer.w.in_proj, layer.w.in_proj_bias.as_ref(), xz)
+    }
+
     /// `dt = softplus(dbc[:, :dt_rank] dt_proj^T + dt_bias)`: dbc `[rows, x_proj_dim]`, dt `[rows, d_inner]`.
     fn dt_proj_softplus(
         &self,

@@ -66,6 +66,14 @@ impl Parallel for RayonParallel {
         }
         self.pool.install(|| (0..n).into_par_iter().for_each(f));
     }
+
+    fn for_each_thread(&self, f: &(dyn Fn(usize) + Sync)) {
+        if self.threads() == 1 {
+            return f(0);
+        }
+        // Index i on the pool's thread i, every call.
+        self.pool.broadcast(|ctx| f(ctx.index()));
+    }
 }
 
 /// The pool the runtime runs on: the [`SpinPool`] unless `MAMBA_POOL=rayon`
@@ -110,5 +118,8 @@ impl Parallel for CpuPool {
     }
     fn for_each_task(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
         self.inner().for_each_task(n, f)
+    }
+    fn for_each_thread(&self, f: &(dyn Fn(usize) + Sync)) {
+        self.inner().for_each_thread(f)
     }
 }

@@ -146,6 +146,17 @@ impl<'w, O: MambaOps<Weight = Tensor<'w>>> MambaOps for Timed<'_, 'w, O> {
         self.time(self.product_name(w), bytes, || self.inner.linear(x, rows, w, bias, out))
     }
 
+    fn in_proj(
+        &self,
+        layer: Layer<'_, Tensor<'w>>,
+        x: &O::Buf,
+        rows: usize,
+        xz: &mut O::Buf,
+    ) -> Result<(), O::Error> {
+        let bytes = bytes_of(&layer.w.in_proj) + layer.w.in_proj_bias.as_ref().map_or(0, bytes_of);
+        self.time("in_proj", bytes, || self.inner.in_proj(layer, x, rows, xz))
+    }
+
     fn dt_proj_softplus(
         &self,
         layer: Layer<'_, Tensor<'w>>,

@@ -6,7 +6,8 @@
 //! next call for a while before they sleep, so a call costs no wake-up from
 //! the scheduler while work keeps coming (rayon's sleep and wake-ups were
 //! about 15% of a 2-thread decode step in a profile). Tasks are handed out
-//! through one atomic counter.
+//! through one atomic counter, or, for [`Parallel::for_each_thread`], each
+//! thread takes its own index first (the caller 0, worker `w` index `w`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,6 +29,10 @@ struct Call {
     next: AtomicUsize,
     done: AtomicUsize,
     panicked: AtomicBool,
+    /// A per-thread call: whether index `i` is taken. Each thread takes its
+    /// own index first, then any not yet taken, so a late or sleeping
+    /// worker's index is run by another thread rather than waited for.
+    taken: Option<Vec<AtomicBool>>,
 }
 
 // SAFETY: the pointee is `Sync`; it is called only for task indices below
@@ -37,21 +42,49 @@ unsafe impl Send for Call {}
 unsafe impl Sync for Call {}
 
 impl Call {
-    /// Take and run tasks until none are left.
-    fn work(&self) {
-        loop {
-            let i = self.next.fetch_add(1, Ordering::AcqRel);
-            if i >= self.n {
-                return;
-            }
-            // SAFETY: see the `Send`/`Sync` impls: task `i < n` is not yet
-            // counted done, so the caller is still waiting and `f` is alive.
-            let f = unsafe { &*self.f };
-            if catch_unwind(AssertUnwindSafe(|| f(i))).is_err() {
-                self.panicked.store(true, Ordering::Release);
-            }
-            self.done.fetch_add(1, Ordering::AcqRel);
+    fn new(f: &(dyn Fn(usize) + Sync), n: usize, per_thread: bool) -> Self {
+        // SAFETY (of the erased lifetime): see `Call`: `SpinPool::call` does
+        // not return before all `n` tasks are done, the last use of `f`.
+        let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
+        Call {
+            f,
+            n,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            panicked: AtomicBool::new(false),
+            taken: per_thread.then(|| (0..n).map(|_| AtomicBool::new(false)).collect()),
         }
+    }
+
+    /// Take and run tasks until none are left; thread `me`'s own index
+    /// first in a per-thread call.
+    fn work(&self, me: usize) {
+        match &self.taken {
+            None => loop {
+                let i = self.next.fetch_add(1, Ordering::AcqRel);
+                if i >= self.n {
+                    return;
+                }
+                self.run(i);
+            },
+            Some(taken) => {
+                for i in std::iter::once(me).chain(0..self.n) {
+                    if taken.get(i).is_some_and(|t| !t.swap(true, Ordering::AcqRel)) {
+                        self.run(i);
+                    }
+                }
+            }
+        }
+    }
+
+    fn run(&self, i: usize) {
+        // SAFETY: see the `Send`/`Sync` impls: task `i < n` is not yet
+        // counted done, so the caller is still waiting and `f` is alive.
+        let f = unsafe { &*self.f };
+        if catch_unwind(AssertUnwindSafe(|| f(i))).is_err() {
+            self.panicked.store(true, Ordering::Release);
+        }
+        self.done.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -86,15 +119,18 @@ impl SpinPool {
         for w in 1..threads.max(1) {
             let s = Arc::clone(&shared);
             workers.push(
-                std::thread::Builder::new().name(format!("mamba-worker-{w}")).spawn(move || worker(&s))?,
+                std::thread::Builder::new().name(format!("mamba-worker-{w}")).spawn(move || worker(&s, w))?,
             );
         }
         Ok(SpinPool { shared, workers, one: Mutex::new(()) })
     }
 }
 
-fn worker(s: &Shared) {
-    let mut seen = s.epoch.load(Ordering::Acquire);
+/// Worker `me` (1 and up; the caller is 0).
+fn worker(s: &Shared, me: usize) {
+    // The epoch the pool started at, not the one this thread first sees: a
+    // call published before the thread ran is still its to join.
+    let mut seen = 0;
     loop {
         let t0 = Instant::now();
         let mut spins = 0u32;
@@ -117,7 +153,7 @@ fn worker(s: &Shared) {
         seen = s.epoch.load(Ordering::Acquire);
         let call = s.call.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(call) = call {
-            call.work();
+            call.work(me);
         }
     }
 }
@@ -135,28 +171,17 @@ impl Drop for SpinPool {
     }
 }
 
-impl Parallel for SpinPool {
-    fn threads(&self) -> usize {
-        self.workers.len() + 1
-    }
-
-    fn for_each_task(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+impl SpinPool {
+    /// Run `f` over `0..n` on the caller and the workers (per thread: each
+    /// its own index first).
+    fn call(&self, n: usize, f: &(dyn Fn(usize) + Sync), per_thread: bool) {
         if n <= 1 || self.workers.is_empty() {
             (0..n).for_each(f);
             return;
         }
         let _one = self.one.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
-        // SAFETY (of the erased lifetime): see `Call`: this function does not
-        // return before all `n` tasks are done, the last use of `f`.
-        let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
-        let call = Arc::new(Call {
-            f,
-            n,
-            next: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
-        });
+        let call = Arc::new(Call::new(f, n, per_thread));
         {
             let mut g = s.call.lock().unwrap_or_else(|e| e.into_inner());
             *g = Some(Arc::clone(&call));
@@ -165,7 +190,7 @@ impl Parallel for SpinPool {
                 s.wake.notify_all();
             }
         }
-        call.work();
+        call.work(0);
         while call.done.load(Ordering::Acquire) < n {
             std::hint::spin_loop();
         }
@@ -173,6 +198,20 @@ impl Parallel for SpinPool {
         if call.panicked.load(Ordering::Acquire) {
             panic!("a task of the thread pool panicked");
         }
+    }
+}
+
+impl Parallel for SpinPool {
+    fn threads(&self) -> usize {
+        self.workers.len() + 1
+    }
+
+    fn for_each_task(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.call(n, f, false)
+    }
+
+    fn for_each_thread(&self, f: &(dyn Fn(usize) + Sync)) {
+        self.call(self.threads(), f, true)
     }
 
     fn for_each_chunk(&self, data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
@@ -213,6 +252,52 @@ mod tests {
             }
         });
         assert!(data.iter().enumerate().all(|(i, &v)| v == i as f32));
+    }
+
+    #[test]
+    fn a_thread_takes_its_own_index_first_then_any_left() {
+        let order = Mutex::new(Vec::new());
+        let f = |i: usize| order.lock().unwrap().push(i);
+        let call = Call::new(&f, 4, true);
+        call.work(2);
+        assert_eq!(std::mem::take(&mut *order.lock().unwrap()), [2, 0, 1, 3]);
+        assert_eq!(call.done.load(Ordering::Acquire), 4);
+        // Indices already taken (here 1, by its own thread) are not run again.
+        let call = Call::new(&f, 3, true);
+        call.taken.as_ref().unwrap()[1].store(true, Ordering::Release);
+        call.work(0);
+        assert_eq!(std::mem::take(&mut *order.lock().unwrap()), [0, 2]);
+        // A plain call hands out tasks in order, whoever asks.
+        Call::new(&f, 3, false).work(2);
+        assert_eq!(order.into_inner().unwrap(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn per_thread_calls_run_every_index_once_awake_or_woken() {
+        let pool = SpinPool::new(3).unwrap();
+        for round in 0..50 {
+            let runs: Vec<Mutex<Vec<std::thread::ThreadId>>> = (0..3).map(|_| Mutex::default()).collect();
+            let done = AtomicUsize::new(0);
+            pool.for_each_thread(&|i| {
+                if i == 0 {
+                    // Busy until the other indices are done: whoever runs
+                    // it cannot also wait for them, so they must be taken.
+                    let t0 = Instant::now();
+                    while done.load(Ordering::Acquire) < 2 && t0.elapsed() < Duration::from_secs(10) {
+                        std::hint::spin_loop();
+                    }
+                } else {
+                    done.fetch_add(1, Ordering::AcqRel);
+                }
+                runs[i].lock().unwrap().push(std::thread::current().id());
+            });
+            let runs: Vec<Vec<_>> = runs.into_iter().map(|m| m.into_inner().unwrap()).collect();
+            assert!(runs.iter().all(|r| r.len() == 1), "round {round}: {runs:?}");
+            if round % 10 == 0 {
+                // Let the workers fall asleep: the next call wakes them.
+                std::thread::sleep(SPIN * 3);
+            }
+        }
     }
 
     #[test]

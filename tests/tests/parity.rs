@@ -212,8 +212,16 @@ fn threaded_prefill_and_step_equal_sequential_bit_for_bit() {
         let a = one.prefill(&seqs, &slots, LogitsMode::All).unwrap();
         let b = two.prefill(&seqs, &slots, LogitsMode::All).unwrap();
         assert_eq!(a, b, "{case}: prefill logits");
-        let toks: Vec<u32> = (0..seqs.len() as u32).collect();
-        assert_eq!(one.step(&toks, &slots).unwrap(), two.step(&toks, &slots).unwrap(), "{case}: step");
+        // All sequences, then one and two: below two a thread, each thread
+        // steps its own channels of every sequence (in_proj rows too).
+        for b in [seqs.len(), 1, 2, 1] {
+            let (toks, slots) = ((0..b as u32).collect::<Vec<_>>(), &slots[..b]);
+            assert_eq!(
+                one.step(&toks, slots).unwrap(),
+                two.step(&toks, slots).unwrap(),
+                "{case}: step of {b}"
+            );
+        }
         for s in slots {
             assert_eq!(one.slot_state(s).unwrap(), two.slot_state(s).unwrap(), "{case}: state of slot {s}");
         }

@@ -156,6 +156,15 @@ trait Product {
     /// # Safety
     /// As [`Product::gemv`].
     unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R];
+    /// `out[i][t] = w[o + i] . ` token `t`, for the first `T` tokens, one
+    /// row after another as [`Product::gemv`] streams them; `false`, doing
+    /// nothing, where the format has no such kernel (its tiles serve).
+    /// # Safety
+    /// As [`Product::gemv`], for `T` tokens.
+    unsafe fn gemv_tokens<const T: usize>(&self, o: usize, out: &mut [[f32; T]]) -> bool {
+        let _ = (o, out);
+        false
+    }
 
     /// `out[i] = w[i] . x` for the first `out.len()` rows.
     /// # Safety
@@ -201,6 +210,14 @@ impl<W: x86::Rows16> Product for Floats<W> {
     }
     unsafe fn gemv(&self, o: usize, out: &mut [f32]) {
         x86::gemv(self.w, self.x, self.k, o, out)
+    }
+    unsafe fn gemv_tokens<const T: usize>(&self, o: usize, out: &mut [[f32; T]]) -> bool {
+        if !W::STREAMS_TOKENS {
+            return false;
+        }
+        let (x, stride) = (self.x, self.stride);
+        x86::gemv_tokens(self.w, core::array::from_fn(|t| x.add(t * stride)), self.k, o, out);
+        true
     }
     unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R] {
         let (w, k, x, stride) = (self.w, self.k, self.x, self.stride);
@@ -338,6 +355,38 @@ fn place<const R: usize, const T: usize>(out: &mut [[f32; TILE_T]; TILE_R], v: [
     }
 }
 
+/// [`blocked`] for `T` tokens through [`Product::gemv_tokens`]; `false`,
+/// having stored nothing, where `p` has no such kernel.
+#[cfg(target_arch = "x86_64")]
+fn streamed<P: Product, const T: usize>(
+    p: &mut P,
+    (x, stride): (&[f32], usize),
+    (f0, f1): (usize, usize),
+    add_bias: &impl Fn(&mut [f32], usize),
+    store: &mut impl FnMut(usize, usize, &[f32]),
+) -> bool {
+    // SAFETY: rows 0..T of x are in bounds (asserted by the caller).
+    unsafe { p.tokens(x, stride, 0, T) };
+    let (mut buf, mut run) = ([[0.0f32; T]; 32], [0.0f32; 32]);
+    let mut o = f0;
+    while o < f1 {
+        let n = (f1 - o).min(buf.len());
+        // SAFETY: rows o..o+n are in bounds (asserted by the caller).
+        if !unsafe { p.gemv_tokens(o, &mut buf[..n]) } {
+            return false;
+        }
+        for t in 0..T {
+            for (v, b) in run.iter_mut().zip(&buf[..n]) {
+                *v = b[t];
+            }
+            add_bias(&mut run[..n], o);
+            store(t, o, &run[..n]);
+        }
+        o += n;
+    }
+    true
+}
+
 /// The product over the weight rows of `p` (rows `0..f1` in bounds: the
 /// caller asserts it).
 #[cfg(target_arch = "x86_64")]
@@ -379,6 +428,19 @@ fn blocked(
             store(0, o, &buf[..n]);
             o += n;
         }
+        return;
+    }
+    // A few tokens (a small batch's decode step) stream the rows the same
+    // way where the format gains (`Rows16::STREAMS_TOKENS`), each row
+    // against every token: tiles of interleaved rows read f32 weights at
+    // about half the rate (batch 2 stepped at 0.58x batch 1's steps/s).
+    let streamed = match rows {
+        2 => streamed::<_, 2>(p, (x, stride), (f0, f1), &add_bias, store),
+        3 => streamed::<_, 3>(p, (x, stride), (f0, f1), &add_bias, store),
+        4 => streamed::<_, 4>(p, (x, stride), (f0, f1), &add_bias, store),
+        _ => false,
+    };
+    if streamed {
         return;
     }
     let panel = (PANEL_BYTES / (k * esize).max(1)).clamp(TILE_R, PANEL_ROWS) / TILE_R * TILE_R;
@@ -461,7 +523,7 @@ pub(crate) mod x86 {
         unsafe fn load32(self, i: usize) -> [__m512; 2] {
             [self.load16(i), self.load16(i + 16)]
         }
-        /// Weights `i..i+8` in a 256-bit register, for a lone row ([`lone_dot`]).
+        /// Weights `i..i+8` in a 256-bit register, for a lone row ([`lone_dots`]).
         /// # Safety
         /// As [`Rows16::load16`].
         unsafe fn load8(self, i: usize) -> __m256;
@@ -475,9 +537,18 @@ pub(crate) mod x86 {
         unsafe fn row(self, r: usize, k: usize) -> Self;
         /// The bytes the weights stream from (for prefetch hints).
         fn bytes(self) -> *const u8;
+        /// Whether a few tokens are better served by streaming rows against
+        /// all of them ([`gemv_tokens`]) than by tiles. f32 rows need no
+        /// widening: batch 2 stepped 1.95x batch 1's tokens/s that way,
+        /// 1.17x through tiles. Widened rows (bf16, f16) made the lone
+        /// 256-bit stream compute-bound: slower than their tiles (batch 2
+        /// 157 against 179 tok/s in bf16).
+        const STREAMS_TOKENS: bool = false;
     }
 
     impl<W: Widen16> Rows16 for *const W {
+        // f32, the one 4-byte element.
+        const STREAMS_TOKENS: bool = core::mem::size_of::<W>() == 4;
         #[inline(always)]
         unsafe fn load16(self, i: usize) -> __m512 {
             W::load16(self.add(i))
@@ -689,7 +760,25 @@ pub(crate) mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn gemv<W: Rows16>(w: W, x: *const f32, k: usize, o: usize, out: &mut [f32]) {
         for (i, v) in out.iter_mut().enumerate() {
-            *v = lone_dot(w.row(o + i, k), x, k);
+            *v = lone_dots(w.row(o + i, k), [x], k)[0];
+        }
+    }
+
+    /// [`gemv`] against `T` tokens: `out[i][t] = w row (o + i) . x[t]`,
+    /// each row read once for all of them.
+    ///
+    /// # Safety
+    /// As [`gemv`], for each of the `T` rows of `x`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn gemv_tokens<W: Rows16, const T: usize>(
+        w: W,
+        x: [*const f32; T],
+        k: usize,
+        o: usize,
+        out: &mut [[f32; T]],
+    ) {
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = lone_dots(w.row(o + i, k), x, k);
         }
     }
 
@@ -705,18 +794,28 @@ pub(crate) mod x86 {
     /// # Safety
     /// As [`tile`], for one row and one token.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn lone_dot<W: Rows16>(w: W, x: *const f32, k: usize) -> f32 {
-        let mut q = [_mm256_setzero_ps(); 4];
+    unsafe fn lone_dots<W: Rows16, const T: usize>(w: W, x: [*const f32; T], k: usize) -> [f32; T] {
+        let mut q = [[_mm256_setzero_ps(); 4]; T];
         let mut i = 0;
         while i + 32 <= k {
-            for (j, q) in q.iter_mut().enumerate() {
-                *q = _mm256_fmadd_ps(w.load8(i + 8 * j), _mm256_loadu_ps(x.add(i + 8 * j)), *q);
+            // The row's 32 weights widened once, for every token.
+            let mut wv = [_mm256_setzero_ps(); 4];
+            for (j, v) in wv.iter_mut().enumerate() {
+                *v = w.load8(i + 8 * j);
+            }
+            for (qt, xt) in q.iter_mut().zip(x) {
+                for (j, q) in qt.iter_mut().enumerate() {
+                    *q = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(xt.add(i + 8 * j)), *q);
+                }
             }
             i += 32;
         }
-        let mut acc = [[[join256(q[0], q[1]), join256(q[2], q[3])]]];
-        tail(&[w], &[x], k, i, &mut acc);
-        reduce_pairs(&acc)[0][0]
+        let mut acc = [[[_mm512_setzero_ps(); 2]; T]; 1];
+        for (a, q) in acc[0].iter_mut().zip(&q) {
+            *a = [join256(q[0], q[1]), join256(q[2], q[3])];
+        }
+        tail(&[w], &x, k, i, &mut acc);
+        reduce_pairs(&acc)[0]
     }
 
     /// `[lo | hi]` as one 512-bit register.

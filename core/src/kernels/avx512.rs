@@ -539,8 +539,8 @@ pub(crate) mod x86 {
         fn bytes(self) -> *const u8;
         /// Whether a few tokens are better served by streaming rows against
         /// all of them ([`gemv_tokens`]) than by tiles. f32 rows need no
-        /// widening: batch 2 stepped 1.95x batch 1's tokens/s that way,
-        /// 1.17x through tiles. Widened rows (bf16, f16) made the lone
+        /// widening: batch 2 decoded 1.84x batch 1's tokens/s that way,
+        /// 1.13x through tiles (130m). Widened rows (bf16, f16) made the lone
         /// 256-bit stream compute-bound: slower than their tiles (batch 2
         /// 157 against 179 tok/s in bf16).
         const STREAMS_TOKENS: bool = false;

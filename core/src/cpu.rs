@@ -107,6 +107,22 @@ impl<'a> CpuBackend<'a> {
     }
 }
 
+/// A product's operands checked against `w` (`[out, in]`): `x` `[rows, in]`
+/// and `out` `[rows, out]` cut to size, the bias `[out]`.
+fn product_operands<'x, 'o>(
+    x: &'x [f32],
+    rows: usize,
+    w: &Tensor<'_>,
+    bias: Option<&Tensor<'_>>,
+    out: &'o mut [f32],
+) -> Result<(&'x [f32], Disjoint<'o>), CoreError> {
+    if let Some(b) = bias {
+        b.expect_shape("linear bias", 1, w.rows)?;
+    }
+    let x = need("linear x", x, rows * w.cols)?;
+    Ok((x, Disjoint::new(need_mut("linear out", out, rows * w.rows)?)))
+}
+
 /// `out[t][f0..f1] = x[t] . w[f0..f1] (+ bias)` for the `rows` token rows,
 /// `out` being `[rows, w.rows]`: one thread's share of a product.
 fn product_part(
@@ -256,16 +272,10 @@ impl<'a> MambaOps for CpuBackend<'a> {
         bias: Option<&Tensor<'a>>,
         out: &mut [f32],
     ) -> Result<(), CoreError> {
-        let (n_out, k) = (w.rows, w.cols);
-        if let Some(b) = bias {
-            b.expect_shape("linear bias", 1, n_out)?;
-        }
-        let x = need("linear x", x, rows * k)?;
-        let out = need_mut("linear out", out, rows * n_out)?;
+        let (x, out) = product_operands(x, rows, w, bias, out)?;
         // Threads split the output features: each reads only its share of
         // the weights, once, for all rows (decode and prefill alike).
-        let (bounds, tasks) = feature_chunks(n_out, self.par.threads());
-        let out = Disjoint::new(out);
+        let (bounds, tasks) = feature_chunks(w.rows, self.par.threads());
         self.par.for_each_task(tasks, &|i| product_part(x, rows, w, bias, bounds[i]..bounds[i + 1], &out));
         Ok(())
     }
@@ -282,11 +292,7 @@ impl<'a> MambaOps for CpuBackend<'a> {
         if !self.owns_channels(rows) || w.rows != 2 * di {
             return self.linear(x, rows, w, bias, xz);
         }
-        if let Some(b) = bias {
-            b.expect_shape("linear bias", 1, w.rows)?;
-        }
-        let x = need("linear x", x, rows * w.cols)?;
-        let out = Disjoint::new(need_mut("linear out", xz, rows * w.rows)?);
+        let (x, out) = product_operands(x, rows, w, bias, xz)?;
         // Each thread the x and z rows of the channels it will conv and scan.
         self.par.for_each_thread(&|t| {
             let ch = self.owned_channels(t, di);

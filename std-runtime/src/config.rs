@@ -82,6 +82,16 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A dimension: [`usize_or`](Self::usize_or), refusing 0 by the file's
+    /// own key (a zero width would otherwise surface as a tensor of the
+    /// wrong shape, or under the core's name for it).
+    fn size_or(&self, key: &str, default: Option<usize>) -> Result<usize> {
+        match self.usize_or(key, default)? {
+            0 => Err(self.err(key, "expected a positive integer, got 0")),
+            n => Ok(n),
+        }
+    }
+
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.obj.get(key) {
             None | Some(Value::Null) => Ok(default),
@@ -134,6 +144,18 @@ impl<'a> Reader<'a> {
             self.token_ids(key)
         } else {
             Ok(vec![default])
+        }
+    }
+
+    /// `ids` (read from `key`), each checked to name a token of a
+    /// vocabulary of `vocab`: an eos id past it could never be sampled, so
+    /// generation would never stop on it.
+    fn in_vocab(&self, key: &str, ids: Vec<u32>, vocab: usize) -> Result<Vec<u32>> {
+        match ids.iter().find(|&&id| id as usize >= vocab) {
+            Some(id) => {
+                Err(self.err(key, format!("token id {id} is outside the vocabulary (vocab_size {vocab})")))
+            }
+            None => Ok(ids),
         }
     }
 
@@ -208,14 +230,15 @@ impl FileConfig {
         if gen.is_file() {
             let g = read_json_object(&gen)?;
             let r = Reader { path: &gen, obj: &g };
-            if let Some(b) = r.token_ids("bos_token_id")?.first() {
+            let ids = |key| r.in_vocab(key, r.token_ids(key)?, cfg.vocab_size);
+            if let Some(b) = ids("bos_token_id")?.first() {
                 cfg.bos_token_id = Some(*b);
             }
-            let eos = r.token_ids("eos_token_id")?;
+            let eos = ids("eos_token_id")?;
             if !eos.is_empty() {
                 cfg.eos_token_ids = eos;
             }
-            if let Some(p) = r.token_ids("pad_token_id")?.first() {
+            if let Some(p) = ids("pad_token_id")?.first() {
                 cfg.pad_token_id = Some(*p);
             }
         }
@@ -251,18 +274,19 @@ impl FileConfig {
                 msg: format!("hidden_act \"{act}\" (only \"silu\" is supported)"),
             });
         }
-        let d_model = r.usize_or("hidden_size", Some(768))?;
-        let expand = r.usize_or("expand", Some(2))?;
-        let d_inner = r.usize_or("intermediate_size", Some(r.product("expand", expand, d_model)?))?;
-        let vocab_size = r.usize_or("vocab_size", Some(50280))?;
+        let d_model = r.size_or("hidden_size", Some(768))?;
+        let expand = r.size_or("expand", Some(2))?;
+        let d_inner = r.size_or("intermediate_size", Some(r.product("expand", expand, d_model)?))?;
+        let vocab_size = r.size_or("vocab_size", Some(50280))?;
+        let ids = |key| r.in_vocab(key, r.token_ids_or(key, 0)?, vocab_size);
         Ok(FileConfig {
             layout: Layout::HuggingFace,
             d_model,
             d_inner,
-            d_state: r.usize_or("state_size", Some(16))?,
-            d_conv: r.usize_or("conv_kernel", Some(4))?,
+            d_state: r.size_or("state_size", Some(16))?,
+            d_conv: r.size_or("conv_kernel", Some(4))?,
             dt_rank: r.dt_rank("time_step_rank", d_model)?,
-            n_layer: r.usize_or("num_hidden_layers", Some(32))?,
+            n_layer: r.size_or("num_hidden_layers", Some(32))?,
             vocab_size,
             padded_vocab_size: vocab_size,
             eps: r.f32_or("layer_norm_epsilon", 1e-5)?,
@@ -270,9 +294,9 @@ impl FileConfig {
             use_conv_bias: r.bool_or("use_conv_bias", true)?,
             residual_in_fp32: r.bool_or("residual_in_fp32", true)?,
             tie_embeddings: r.bool_or("tie_word_embeddings", true)?,
-            bos_token_id: r.token_ids_or("bos_token_id", 0)?.first().copied(),
-            eos_token_ids: r.token_ids_or("eos_token_id", 0)?,
-            pad_token_id: r.token_ids_or("pad_token_id", 0)?.first().copied(),
+            bos_token_id: ids("bos_token_id")?.first().copied(),
+            eos_token_ids: ids("eos_token_id")?,
+            pad_token_id: ids("pad_token_id")?.first().copied(),
         })
     }
 
@@ -298,19 +322,19 @@ impl FileConfig {
         if layer != "Mamba1" {
             return Err(unsupported(format!("ssm_cfg.layer \"{layer}\" (only Mamba1)")));
         }
-        let d_model = r.usize_or("d_model", None)?;
-        let expand = s.usize_or("expand", Some(2))?;
-        let vocab_size = r.usize_or("vocab_size", None)?;
+        let d_model = r.size_or("d_model", None)?;
+        let expand = s.size_or("expand", Some(2))?;
+        let vocab_size = r.size_or("vocab_size", None)?;
         let multiple = r.usize_or("pad_vocab_size_multiple", Some(8))?.max(1);
         let padded_vocab_size = r.product("vocab_size", vocab_size.div_ceil(multiple), multiple)?;
         Ok(FileConfig {
             layout: Layout::Original,
             d_model,
             d_inner: r.product("ssm_cfg.expand", expand, d_model)?,
-            d_state: s.usize_or("d_state", Some(16))?,
-            d_conv: s.usize_or("d_conv", Some(4))?,
+            d_state: s.size_or("d_state", Some(16))?,
+            d_conv: s.size_or("d_conv", Some(4))?,
             dt_rank: s.dt_rank("dt_rank", d_model)?,
-            n_layer: r.usize_or("n_layer", None)?,
+            n_layer: r.size_or("n_layer", None)?,
             vocab_size,
             padded_vocab_size,
             eps: r.f32_or("norm_epsilon", 1e-5)?,

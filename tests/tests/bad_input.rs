@@ -397,20 +397,57 @@ fn original_layout_missing_required_keys_are_named() {
 
 #[test]
 fn zero_and_out_of_range_dimensions_are_refused() {
+    let zero = "`: expected a positive integer, got 0";
     let cases = [
-        ("state_size", json!(0), "unsupported: d_state is 0"),
-        ("state_size", json!(300), "d_state is larger than 256"),
-        ("conv_kernel", json!(0), "d_conv is 0"),
-        ("conv_kernel", json!(17), "d_conv is larger than 16"),
-        ("num_hidden_layers", json!(0), "n_layer is 0"),
-        ("layer_norm_epsilon", json!(1e300), "layer_norm_epsilon"),
+        ("state_size", json!(0), format!("`state_size{zero}")),
+        ("state_size", json!(300), "d_state is larger than 256".into()),
+        ("conv_kernel", json!(0), format!("`conv_kernel{zero}")),
+        ("conv_kernel", json!(17), "d_conv is larger than 16".into()),
+        ("num_hidden_layers", json!(0), format!("`num_hidden_layers{zero}")),
+        // A zero width is named by its key, not met as a tensor of the wrong shape.
+        ("hidden_size", json!(0), format!("`hidden_size{zero}")),
+        ("intermediate_size", json!(0), format!("`intermediate_size{zero}")),
+        ("expand", json!(0), format!("`expand{zero}")),
+        ("vocab_size", json!(0), format!("`vocab_size{zero}")),
+        ("layer_norm_epsilon", json!(1e300), "layer_norm_epsilon".into()),
     ];
     for (key, value, shown) in cases {
         let s = scratch("hf_f32_tied");
         s.set_config(key, value);
         let err = s.load_err();
-        assert_mentions(&err, &["config.json", shown]);
+        assert_mentions(&err, &["config.json", &shown]);
     }
+    let zeros: [(&str, &str); 3] =
+        [("d_model", "d_model"), ("n_layer", "n_layer"), ("vocab_size", "vocab_size")];
+    for (key, shown) in zeros {
+        let s = scratch("orig_st_bf16");
+        s.set_config(key, json!(0));
+        assert_mentions(&s.load_err(), &["config.json", &format!("`{shown}{zero}")]);
+    }
+    for key in ["d_state", "d_conv", "expand"] {
+        let s = scratch("orig_st_bf16");
+        s.edit_json("config.json", |m| m["ssm_cfg"][key] = json!(0));
+        assert_mentions(&s.load_err(), &["config.json", &format!("`{key}{zero}")]);
+    }
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_refused() {
+    // The fixtures' vocabulary is far below 100000.
+    for key in ["eos_token_id", "bos_token_id", "pad_token_id"] {
+        let s = scratch("hf_f32_tied");
+        s.set_config(key, json!(100000));
+        assert_mentions(&s.load_err(), &["config.json", key, "token id 100000 is outside the vocabulary"]);
+        let s = scratch("hf_f32_tied");
+        s.write("generation_config.json", format!("{{\"{key}\": [0, 100000]}}").as_bytes());
+        assert_mentions(&s.load_err(), &["generation_config.json", key, "token id 100000"]);
+    }
+    // The last id of the vocabulary is a token.
+    let s = scratch("hf_f32_tied");
+    let last = s.load_ok().cfg.vocab_size - 1;
+    s.set_config("eos_token_id", json!(last));
+    s.write("generation_config.json", format!("{{\"eos_token_id\": {last}}}").as_bytes());
+    assert_eq!(s.load_ok().file_config.eos_token_ids, vec![last as u32]);
 }
 
 #[test]

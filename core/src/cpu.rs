@@ -139,6 +139,67 @@ fn product_part(
     })
 }
 
+/// A decode step's scan operands, checked: what each (sequence, channels)
+/// task of [`CpuBackend::scan_step`] and [`CpuBackend::dt_scan_step`] reads
+/// and writes.
+struct StepOperands<'l, 'w, 'b> {
+    layer: Layer<'l, Tensor<'w>>,
+    slots: &'b [usize],
+    x: &'b [f32],
+    dbc: &'b [f32],
+    xz: &'b [f32],
+    states: Disjoint<'b>,
+    y: Disjoint<'b>,
+}
+
+impl<'l, 'w, 'b> StepOperands<'l, 'w, 'b> {
+    fn new(
+        layer: Layer<'l, Tensor<'w>>,
+        slots: &'b [usize],
+        x: &'b [f32],
+        dbc: &'b [f32],
+        xz: &'b [f32],
+        states: &'b mut [f32],
+        y: &'b mut [f32],
+    ) -> Result<Self, CoreError> {
+        let (cfg, b) = (layer.cfg, slots.len());
+        check_slots(cfg, slots, states, layer.index)?;
+        let (di, xp) = (cfg.d_inner, cfg.x_proj_dim());
+        let (x, dbc) = (need("scan x", x, b * di)?, need("scan dbc", dbc, b * xp)?);
+        let xz = need("scan xz", xz, b * 2 * di)?;
+        let y = need_mut("scan y", y, b * di)?;
+        Ok(StepOperands { layer, slots, x, dbc, xz, states: Disjoint::new(states), y: Disjoint::new(y) })
+    }
+
+    /// Sequence `i`'s channels `ch` (their softplus(dt) in `dt`) through
+    /// the step, from and into its slot's states. Distinct slots (checked)
+    /// and disjoint channel ranges: no two tasks share a state or an output.
+    fn run(&self, i: usize, ch: Range<usize>, dt: &[f32]) {
+        let (cfg, lw) = (self.layer.cfg, self.layer.w);
+        let (di, xp, n_s) = (cfg.d_inner, cfg.x_proj_dim(), cfg.d_state);
+        let off = cfg.state_layout().ssm_offset(self.slots[i], self.layer.index);
+        // The rows from channel `ch.start` on, so that it is channel 0 (the
+        // gate z stays `d_inner` after x in `xz`), with A's and D's rows to match.
+        let rows = kernels::ScanRows {
+            x: &self.x[i * di + ch.start..(i + 1) * di],
+            dt,
+            dbc: &self.dbc[i * xp..(i + 1) * xp],
+            xz: &self.xz[i * 2 * di + ch.start..(i + 1) * 2 * di],
+            d_inner: di,
+            d_state: n_s,
+            dt_rank: cfg.dt_rank,
+        };
+        kernels::selective_scan_step(
+            rows,
+            lw.a.data.slice(ch.start * n_s, ch.end * n_s),
+            lw.d.data.slice(ch.start, ch.end),
+            0,
+            self.states.part(off + ch.start * n_s..off + ch.end * n_s),
+            self.y.part(i * di + ch.start..i * di + ch.end),
+        );
+    }
+}
+
 fn need<'b>(what: &'static str, buf: &'b [f32], n: usize) -> Result<&'b [f32], CoreError> {
     buf.get(..n).ok_or(CoreError::BufferTooSmall { what, need: n, got: buf.len() })
 }
@@ -492,36 +553,51 @@ impl<'a> MambaOps for CpuBackend<'a> {
         states: &mut [f32],
         y: &mut [f32],
     ) -> Result<(), CoreError> {
+        let (cfg, b) = (layer.cfg, slots.len());
+        let di = cfg.d_inner;
+        let dt = need("scan dt", act.dt, b * di)?;
+        let step = StepOperands::new(layer, slots, act.x, act.dbc, act.xz, states, y)?;
+        self.per_seq_channels(b, di, &|i, ch| {
+            step.run(i, ch.clone(), &dt[i * di + ch.start..i * di + ch.end]);
+        });
+        Ok(())
+    }
+
+    fn dt_scan_step(
+        &self,
+        layer: Layer<'_, Tensor<'a>>,
+        slots: &[usize],
+        x: &[f32],
+        dbc: &[f32],
+        xz: &[f32],
+        dt: &mut [f32],
+        states: &mut [f32],
+        y: &mut [f32],
+    ) -> Result<(), CoreError> {
+        let b = slots.len();
+        if !self.owns_channels(b) {
+            self.dt_proj_softplus(layer, dbc, b, dt)?;
+            return self.scan_step(layer, slots, ScanBufs { x, dt: &*dt, dbc, xz }, states, y);
+        }
         let (cfg, lw) = (layer.cfg, layer.w);
-        check_slots(cfg, slots, states, layer.index)?;
-        let (di, xp, b) = (cfg.d_inner, cfg.x_proj_dim(), slots.len());
-        let (x, dt) = (need("scan x", act.x, b * di)?, need("scan dt", act.dt, b * di)?);
-        let (dbc, xz) = (need("scan dbc", act.dbc, b * xp)?, need("scan xz", act.xz, b * 2 * di)?);
-        let y = need_mut("scan y", y, b * di)?;
-        let layout = cfg.state_layout();
-        let n_s = cfg.d_state;
-        let (st, y) = (Disjoint::new(states), Disjoint::new(y));
-        self.per_seq_channels(b, di, &|i, Range { start: d0, end: d1 }| {
-            let off = layout.ssm_offset(slots[i], layer.index);
-            let seq = kernels::ScanRows {
-                x: &x[i * di..(i + 1) * di],
-                dt: &dt[i * di..(i + 1) * di],
-                dbc: &dbc[i * xp..(i + 1) * xp],
-                xz: &xz[i * 2 * di..(i + 1) * 2 * di],
-                d_inner: di,
-                d_state: n_s,
-                dt_rank: cfg.dt_rank,
-            };
-            // Distinct slots (checked) and disjoint channel ranges: no two
-            // tasks share a state or an output value.
-            kernels::selective_scan_step(
-                seq,
-                lw.a.data,
-                lw.d.data,
-                d0,
-                st.part(off + d0 * n_s..off + d1 * n_s),
-                y.part(i * di + d0..i * di + d1),
+        let (di, xp) = (cfg.d_inner, cfg.x_proj_dim());
+        let dt = Disjoint::new(need_mut("dt", dt, b * di)?);
+        let step = StepOperands::new(layer, slots, x, dbc, xz, states, y)?;
+        // Each thread its channels' dt, then their scan reading it from L1:
+        // one pool call, no wait between the two.
+        self.per_seq_channels(b, di, &|i, ch| {
+            let dt = dt.part(i * di + ch.start..i * di + ch.end);
+            kernels::dt_proj_softplus(
+                &step.dbc[i * xp..],
+                xp,
+                1,
+                &lw.dt_proj,
+                lw.dt_proj_t.as_ref(),
+                &lw.dt_bias,
+                (ch.start, ch.end),
+                dt,
             );
+            step.run(i, ch, dt);
         });
         Ok(())
     }

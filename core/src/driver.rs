@@ -247,9 +247,7 @@ pub fn step<O: MambaOps>(
         ops.in_proj(layer, s.normed, b, s.xz)?;
         ops.conv1d_step(layer, slots, s.xz, states, s.xc)?;
         ops.linear(s.xc, b, &lw.x_proj, None, s.dbc)?;
-        ops.dt_proj_softplus(layer, s.dbc, b, s.dt)?;
-        let act = ScanBufs { x: &*s.xc, dt: &*s.dt, dbc: &*s.dbc, xz: &*s.xz };
-        ops.scan_step(layer, slots, act, states, s.y)?;
+        ops.dt_scan_step(layer, slots, s.xc, s.dbc, s.xz, s.dt, states, s.y)?;
         ops.linear(s.y, b, &lw.out_proj, lw.out_proj_bias.as_ref(), s.normed)?;
         // The residual add, then the next layer's norm (the final norm after the last).
         let next_norm = model.layers.get(index + 1).map_or(&model.norm_f, |l| &l.norm);

@@ -208,6 +208,28 @@ pub trait MambaOps {
         y: &mut Self::Buf,
     ) -> Result<(), Self::Error>;
 
+    /// A decode step's dt and scan: [`dt_proj_softplus`](Self::dt_proj_softplus)
+    /// of `dbc` into `dt`, then [`scan_step`](Self::scan_step) reading it with
+    /// `x`, `dbc` and `xz` (shapes as there). The default runs the two in
+    /// turn; a backend may run both over each thread's channels at once, so
+    /// that no thread waits for the others between them. `y`, the states and
+    /// `dt` must be the two's, bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn dt_scan_step(
+        &self,
+        layer: Layer<'_, Self::Weight>,
+        slots: &[usize],
+        x: &Self::Buf,
+        dbc: &Self::Buf,
+        xz: &Self::Buf,
+        dt: &mut Self::Buf,
+        states: &mut Self::Buf,
+        y: &mut Self::Buf,
+    ) -> Result<(), Self::Error> {
+        self.dt_proj_softplus(layer, dbc, slots.len(), dt)?;
+        self.scan_step(layer, slots, ScanBufs { x, dt: &*dt, dbc, xz }, states, y)
+    }
+
     /// `out[i] = x[rows[i]]` for rows of `width` values.
     fn gather_rows(
         &self,

@@ -212,6 +212,22 @@ impl<'w, O: MambaOps<Weight = Tensor<'w>>> MambaOps for Timed<'_, 'w, O> {
         self.time("scan", scan_bytes(layer), || self.inner.scan_step(layer, slots, act, states, y))
     }
 
+    fn dt_scan_step(
+        &self,
+        layer: Layer<'_, Tensor<'w>>,
+        slots: &[usize],
+        x: &O::Buf,
+        dbc: &O::Buf,
+        xz: &O::Buf,
+        dt: &mut O::Buf,
+        states: &mut O::Buf,
+        y: &mut O::Buf,
+    ) -> Result<(), O::Error> {
+        // Timed as one: the backend may run the two over each thread's channels at once.
+        let bytes = bytes_of(&layer.w.dt_proj) + bytes_of(&layer.w.dt_bias) + scan_bytes(layer);
+        self.time("dt_proj+scan", bytes, || self.inner.dt_scan_step(layer, slots, x, dbc, xz, dt, states, y))
+    }
+
     fn gather_rows(
         &self,
         x: &O::Buf,
@@ -254,7 +270,9 @@ mod tests {
         let p = Arc::new(Profile::new());
         assert_eq!(run(Some(p.clone())), run(None));
         let ops = p.ops();
-        assert_eq!(ops.iter().find(|o| o.name == "scan").map(|o| o.calls), Some(4));
+        let calls = |name: &str| ops.iter().find(|o| o.name == name).map(|o| o.calls);
+        // The prefill's two layers, then the step's.
+        assert_eq!((calls("scan"), calls("dt_proj"), calls("dt_proj+scan")), (Some(2), Some(2), Some(2)));
         assert!(ops.iter().all(|o| o.name != "linear"), "every product is named: {ops:?}");
         p.clear();
         assert!(p.ops().is_empty());

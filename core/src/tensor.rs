@@ -102,7 +102,7 @@ impl<'a> WData<'a> {
         let end = start + out.len();
         match self {
             WData::F32(v) => out.copy_from_slice(&v[start..end]),
-            WData::F16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, h)| *o = h.to_f32()),
+            WData::F16(v) => crate::kernels::simd::widen_f16(&v[start..end], out),
             WData::BF16(v) => out.iter_mut().zip(&v[start..end]).for_each(|(o, &h)| *o = bf16_to_f32(h)),
             WData::Q8_0 { .. } => out.iter_mut().enumerate().for_each(|(i, o)| *o = self.get(start + i)),
         }

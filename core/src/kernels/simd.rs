@@ -96,6 +96,22 @@ pub fn bf16_dot_enabled() -> bool {
     BF16_DOT.load(Ordering::Relaxed)
 }
 
+/// `out[i] = src[i]` widened to f32 (`out` as long as `src`): F16C's
+/// `vcvtph2ps`, eight at a time, where the AVX2 kernels are on. In this
+/// `no_std` crate `half` converts in software, which was half of an f16
+/// decode step's conv (its taps are widened a block at a time). Exact
+/// either way, so the same bits.
+pub fn widen_f16(src: &[half::f16], out: &mut [f32]) {
+    assert_eq!(src.len(), out.len(), "widen_f16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if avx2_enabled() {
+        // SAFETY: enable_avx2's contract gives F16C; the lengths are equal.
+        unsafe { x86::widen_f16(src, out) };
+        return;
+    }
+    out.iter_mut().zip(src).for_each(|(o, h)| *o = h.to_f32());
+}
+
 /// Ask for the cache line holding `p` ahead of its use: a hint that never
 /// faults (the address is not dereferenced, so it may be out of bounds).
 /// Kernels that walk a column of a row-major buffer (16 channels a token)
@@ -153,6 +169,23 @@ pub(crate) use multiversion;
 pub(crate) mod x86 {
     use core::arch::x86_64::*;
     use half::{bf16, f16};
+
+    /// [`super::widen_f16`].
+    ///
+    /// # Safety
+    /// AVX2 and F16C are available; `out` is as long as `src`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn widen_f16(src: &[f16], out: &mut [f32]) {
+        let mut i = 0;
+        while i + 8 <= src.len() {
+            let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            i += 8;
+        }
+        for (o, h) in out[i..].iter_mut().zip(&src[i..]) {
+            *o = h.to_f32();
+        }
+    }
 
     /// Eight weights widened to f32.
     trait Widen: Copy {

@@ -178,8 +178,7 @@ pub(crate) mod x86 {
     pub unsafe fn widen_f16(src: &[f16], out: &mut [f32]) {
         let mut i = 0;
         while i + 8 <= src.len() {
-            let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
-            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), f16::load8(src.as_ptr().add(i)));
             i += 8;
         }
         for (o, h) in out[i..].iter_mut().zip(&src[i..]) {

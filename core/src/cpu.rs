@@ -139,6 +139,14 @@ fn product_part(
     })
 }
 
+/// Sequence `i`'s softplus(dt) over channels `ch` into `out` (`ch.len()`
+/// values), from its row of `dbc` (`[_, x_proj_dim]`, checked by the caller).
+fn seq_dt(layer: Layer<'_, Tensor<'_>>, dbc: &[f32], i: usize, ch: Range<usize>, out: &mut [f32]) {
+    let (lw, xp) = (layer.w, layer.cfg.x_proj_dim());
+    let (w, wt) = (&lw.dt_proj, lw.dt_proj_t.as_ref());
+    kernels::dt_proj_softplus(&dbc[i * xp..], xp, 1, w, wt, &lw.dt_bias, (ch.start, ch.end), out)
+}
+
 /// A decode step's scan operands, checked: what each (sequence, channels)
 /// task of [`CpuBackend::scan_step`] and [`CpuBackend::dt_scan_step`] reads
 /// and writes.
@@ -395,17 +403,7 @@ impl<'a> MambaOps for CpuBackend<'a> {
             // its own channels of every row.
             let dt = Disjoint::new(dt);
             self.per_seq_channels(rows, di, &|t, ch| {
-                let o = dt.part(t * di + ch.start..t * di + ch.end);
-                kernels::dt_proj_softplus(
-                    &dbc[t * xp..],
-                    xp,
-                    1,
-                    &lw.dt_proj,
-                    lw.dt_proj_t.as_ref(),
-                    &lw.dt_bias,
-                    (ch.start, ch.end),
-                    o,
-                )
+                seq_dt(layer, dbc, t, ch.clone(), dt.part(t * di + ch.start..t * di + ch.end))
             });
         }
         Ok(())
@@ -579,24 +577,14 @@ impl<'a> MambaOps for CpuBackend<'a> {
             self.dt_proj_softplus(layer, dbc, b, dt)?;
             return self.scan_step(layer, slots, ScanBufs { x, dt: &*dt, dbc, xz }, states, y);
         }
-        let (cfg, lw) = (layer.cfg, layer.w);
-        let (di, xp) = (cfg.d_inner, cfg.x_proj_dim());
+        let di = layer.cfg.d_inner;
         let dt = Disjoint::new(need_mut("dt", dt, b * di)?);
         let step = StepOperands::new(layer, slots, x, dbc, xz, states, y)?;
         // Each thread its channels' dt, then their scan reading it from L1:
         // one pool call, no wait between the two.
         self.per_seq_channels(b, di, &|i, ch| {
             let dt = dt.part(i * di + ch.start..i * di + ch.end);
-            kernels::dt_proj_softplus(
-                &step.dbc[i * xp..],
-                xp,
-                1,
-                &lw.dt_proj,
-                lw.dt_proj_t.as_ref(),
-                &lw.dt_bias,
-                (ch.start, ch.end),
-                dt,
-            );
+            seq_dt(layer, step.dbc, i, ch.clone(), dt);
             step.run(i, ch, dt);
         });
         Ok(())

@@ -90,6 +90,17 @@ fn tiles_match_portable_and_are_independent_of_the_split() {
                         assert_eq!(part[t * n_out + o].to_bits(), whole[t * n_out + o].to_bits());
                     }
                 }
+                // One token streams the range's two halves side by side
+                // (an odd count leaves a row after them): the same bits.
+                let part = product(&x[..k], 1, &w, Some(&bias), (f0, f1));
+                for o in f0..f1 {
+                    assert_eq!(
+                        part[o].to_bits(),
+                        whole[o].to_bits(),
+                        "{:?} k={k}: one token, {f0}..{f1}",
+                        wd.dtype()
+                    );
+                }
             }
         }
     }

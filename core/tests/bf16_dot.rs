@@ -55,17 +55,21 @@ mod x86 {
                 }
                 // Features split as threads split them, rows read in place from
                 // a wider buffer, and each token alone: the same bits.
-                let part = product(&x, rows, &wt, (3, 7));
+                // (One token streams a range's two halves side by side; 2..9
+                // leaves a row after them.)
+                let parts = [(3, 7), (2, 9)].map(|f| (f, product(&x, rows, &wt, f)));
                 let strided = common::strided_product(&x, rows, &wt, k + 5);
                 assert_eq!(common::bits(&strided), common::bits(&whole), "k={k} rows={rows}: strided");
                 for t in 0..rows {
                     let at = format!("k={k} rows={rows} token {t}");
                     let row = &whole[t * n_out..(t + 1) * n_out];
-                    assert_eq!(
-                        common::bits(&part[t * n_out + 3..t * n_out + 7]),
-                        common::bits(&row[3..7]),
-                        "{at}: split"
-                    );
+                    for ((f0, f1), part) in &parts {
+                        assert_eq!(
+                            common::bits(&part[t * n_out + f0..t * n_out + f1]),
+                            common::bits(&row[*f0..*f1]),
+                            "{at}: split {f0}..{f1}"
+                        );
+                    }
                     let alone = product(&x[t * k..(t + 1) * k], 1, &wt, (0, n_out));
                     assert_eq!(common::bits(&alone), common::bits(row), "{at}: alone");
                 }

@@ -91,7 +91,7 @@ fn check_mode(mode: &str) {
             let strided = common::strided_product(&x, rows, &wq, k + 32);
             let packed = product(&x, rows, &wq, (0, n_out));
             assert_eq!(common::bits(&strided), common::bits(&packed), "{mode}: k={k} rows={rows} strided");
-            for f in [(0, n_out), (3, 7)] {
+            for f in [(0, n_out), (3, 7), (2, 9)] {
                 let (a, b) = (product(&x, rows, &wq, f), product(&x, rows, &wf, f));
                 if !ints {
                     assert_eq!(

@@ -148,10 +148,11 @@ trait Product {
     /// # Safety
     /// Those rows are in bounds; AVX-512 F/BW/VL are available.
     unsafe fn tokens(&mut self, x: &[f32], stride: usize, t0: usize, nt: usize);
-    /// `out[i] = w[o + i] . ` the first token.
+    /// `out[r][i] = w[o[r] + i] . ` the first token: `R` runs of rows,
+    /// all of one length, streamed side by side.
     /// # Safety
-    /// Rows `o..o + out.len()` are in bounds; AVX-512 F/BW/VL are available.
-    unsafe fn gemv(&self, o: usize, out: &mut [f32]);
+    /// Rows `o[r]..o[r] + out[r].len()` are in bounds; AVX-512 F/BW/VL are available.
+    unsafe fn gemv<const R: usize>(&self, o: [usize; R], out: [&mut [f32]; R]);
     /// Rows `o..o + nr` (`nr` 1 or [`TILE_R`]) against the `nt` tokens.
     /// # Safety
     /// As [`Product::gemv`].
@@ -171,7 +172,7 @@ trait Product {
     /// As [`Product::gemv`]; `x` holds `k` elements.
     unsafe fn row_dots(&mut self, x: &[f32], out: &mut [f32]) {
         self.tokens(x, self.k(), 0, 1);
-        self.gemv(0, out);
+        self.gemv([0], [out]);
     }
 }
 
@@ -208,7 +209,7 @@ impl<W: x86::Rows16> Product for Floats<W> {
         self.x = x.as_ptr().add(t0 * stride);
         self.stride = stride;
     }
-    unsafe fn gemv(&self, o: usize, out: &mut [f32]) {
+    unsafe fn gemv<const R: usize>(&self, o: [usize; R], out: [&mut [f32]; R]) {
         x86::gemv(self.w, self.x, self.k, o, out)
     }
     unsafe fn gemv_tokens<const T: usize>(&self, o: usize, out: &mut [[f32; T]]) -> bool {
@@ -263,7 +264,7 @@ impl Product for Q8Ints {
     unsafe fn tokens(&mut self, x: &[f32], stride: usize, t0: usize, nt: usize) {
         self.x.quantize(x, stride, t0, nt);
     }
-    unsafe fn gemv(&self, o: usize, out: &mut [f32]) {
+    unsafe fn gemv<const R: usize>(&self, o: [usize; R], out: [&mut [f32]; R]) {
         q8::gemv(self.w, o, &self.x, out)
     }
     unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R] {
@@ -309,7 +310,7 @@ impl Product for Bf16Dots {
     unsafe fn tokens(&mut self, x: &[f32], stride: usize, t0: usize, nt: usize) {
         self.x.round(x, stride, t0, nt);
     }
-    unsafe fn gemv(&self, o: usize, out: &mut [f32]) {
+    unsafe fn gemv<const R: usize>(&self, o: [usize; R], out: [&mut [f32]; R]) {
         bfd::gemv(self.w, o, &self.x, out)
     }
     unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R] {
@@ -387,6 +388,34 @@ fn streamed<P: Product, const T: usize>(
     true
 }
 
+/// Features `f0..f1` for the first token, cut into `R` runs of equal
+/// length streamed side by side ([`Product::gemv`]); returns where the
+/// rows left after them (fewer than `R`) start.
+#[cfg(target_arch = "x86_64")]
+fn side_by_side<P: Product, const R: usize>(
+    p: &P,
+    (f0, f1): (usize, usize),
+    add_bias: &impl Fn(&mut [f32], usize),
+    store: &mut impl FnMut(usize, usize, &[f32]),
+) -> usize {
+    let part = (f1 - f0) / R;
+    let mut o: [usize; R] = core::array::from_fn(|r| f0 + r * part);
+    let mut bufs = [[0.0f32; 64]; R];
+    let mut done = 0;
+    while done < part {
+        let n = (part - done).min(64);
+        // SAFETY: rows o[r]..o[r] + n are in bounds (asserted by the caller).
+        unsafe { p.gemv(o, bufs.each_mut().map(|b| &mut b[..n])) };
+        for (run, o) in bufs.iter_mut().zip(o) {
+            add_bias(&mut run[..n], o);
+            store(0, o, &run[..n]);
+        }
+        o = o.map(|o| o + n);
+        done += n;
+    }
+    f0 + R * part
+}
+
 /// The product over the weight rows of `p` (rows `0..f1` in bounds: the
 /// caller asserts it).
 #[cfg(target_arch = "x86_64")]
@@ -415,19 +444,22 @@ fn blocked(
         // One token is a pure stream of weights: rows one after another,
         // which the DRAM prefetchers follow best (measured: interleaved
         // rows read the lm head at half the rate), many rows per call.
+        // Two such streams, the two halves of the features, a row of each
+        // at a time: a row's dot product waits on its own FMA chains, so a
+        // lone row left the core waiting on their latency (Q8_0's one
+        // chain a row most), and the memory serves two streams faster than
+        // one. Measured at batch 1 (130m, 2 threads, `bench`, six runs a
+        // dtype alternated with one stream, medians): decode tok/s Q8_0
+        // 210 -> 219 in slow-memory minutes and 220 -> 272 in fast ones,
+        // f32 96.7 -> 103.9, bf16 173.8 -> 179.5; f16 175 -> 183 in one
+        // set, 163 -> 160 in another that changed speed halfway. Three and
+        // four streams gained no more.
         // SAFETY: row 0 of x is in bounds (asserted by the caller);
         // enable_avx512's contract gives the CPU features.
         unsafe { p.tokens(x, stride, 0, 1) };
-        let mut buf = [0.0f32; 64];
-        let mut o = f0;
-        while o < f1 {
-            let n = (f1 - o).min(buf.len());
-            // SAFETY: rows o..o+n are in bounds (asserted by the caller).
-            unsafe { p.gemv(o, &mut buf[..n]) };
-            add_bias(&mut buf[..n], o);
-            store(0, o, &buf[..n]);
-            o += n;
-        }
+        let rest = side_by_side::<_, 2>(p, (f0, f1), &add_bias, store);
+        // The rows after the runs (fewer than their count).
+        side_by_side::<_, 1>(p, (rest, f1), &add_bias, store);
         return;
     }
     // A few tokens (a small batch's decode step) stream the rows the same
@@ -750,17 +782,32 @@ pub(crate) mod x86 {
         }
     }
 
-    /// `out[i] = w row (o + i) . x` over `k` elements, one row after another.
-    /// Here, not in the caller, so that the tiles inline: a call a row cost
-    /// a tenth of a batch-1 product.
+    /// `out[r][i] = w row (o[r] + i) . x` over `k` elements: `R` runs of
+    /// rows (of one length), each one row after another, a row of each at
+    /// a time. Here, not in the caller, so that the tiles inline: a call a
+    /// row cost a tenth of a batch-1 product.
     ///
     /// # Safety
-    /// AVX-512 F/BW/VL are available; rows `o..o + out.len()` of `w` and
-    /// `k` elements of `x` are readable.
+    /// AVX-512 F/BW/VL are available; rows `o[r]..o[r] + out[r].len()` of
+    /// `w` and `k` elements of `x` are readable.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn gemv<W: Rows16>(w: W, x: *const f32, k: usize, o: usize, out: &mut [f32]) {
-        for (i, v) in out.iter_mut().enumerate() {
-            *v = lone_dots(w.row(o + i, k), [x], k)[0];
+    pub unsafe fn gemv<W: Rows16, const R: usize>(
+        w: W,
+        x: *const f32,
+        k: usize,
+        o: [usize; R],
+        out: [&mut [f32]; R],
+    ) {
+        let n = out.iter().map(|run| run.len()).min().unwrap_or(0);
+        for i in 0..n {
+            let mut rows = [w; R];
+            for (row, o) in rows.iter_mut().zip(o) {
+                *row = w.row(o + i, k);
+            }
+            let v = lone_dots(rows, [x], k);
+            for r in 0..R {
+                *out[r].get_unchecked_mut(i) = v[r][0];
+            }
         }
     }
 
@@ -778,13 +825,14 @@ pub(crate) mod x86 {
         out: &mut [[f32; T]],
     ) {
         for (i, v) in out.iter_mut().enumerate() {
-            *v = lone_dots(w.row(o + i, k), x, k);
+            *v = lone_dots([w.row(o + i, k)], x, k)[0];
         }
     }
 
-    /// A 1 x 1 [`tile`], bit for bit, for a row streamed from memory: its
-    /// two chains held as four 256-bit quarters (lanes `8q..8q + 8` of
-    /// chain `q / 2`), each lane the same FMAs in the same order. On Zen 4
+    /// An `R x T` [`tile`], bit for bit, for rows streamed from memory:
+    /// each pair's two chains held as four 256-bit quarters (lanes
+    /// `8q..8q + 8` of chain `q / 2`), each lane the same FMAs in the same
+    /// order. On Zen 4
     /// a row read through 16-byte widening loads and 256-bit FMAs streams
     /// faster than through 512-bit ones (an isolated two-thread harness on
     /// the 77 MB lm head, as a share of the bare read, seven paired sets:
@@ -792,30 +840,38 @@ pub(crate) mod x86 {
     /// the README's "CPU speed").
     ///
     /// # Safety
-    /// As [`tile`], for one row and one token.
+    /// As [`tile`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn lone_dots<W: Rows16, const T: usize>(w: W, x: [*const f32; T], k: usize) -> [f32; T] {
-        let mut q = [[_mm256_setzero_ps(); 4]; T];
+    unsafe fn lone_dots<W: Rows16, const R: usize, const T: usize>(
+        w: [W; R],
+        x: [*const f32; T],
+        k: usize,
+    ) -> [[f32; T]; R] {
+        let mut q = [[[_mm256_setzero_ps(); 4]; T]; R];
         let mut i = 0;
         while i + 32 <= k {
-            // The row's 32 weights widened once, for every token.
-            let mut wv = [_mm256_setzero_ps(); 4];
-            for (j, v) in wv.iter_mut().enumerate() {
-                *v = w.load8(i + 8 * j);
-            }
-            for (qt, xt) in q.iter_mut().zip(x) {
-                for (j, q) in qt.iter_mut().enumerate() {
-                    *q = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(xt.add(i + 8 * j)), *q);
+            for (w, qr) in w.iter().zip(q.iter_mut()) {
+                // The row's 32 weights widened once, for every token.
+                let mut wv = [_mm256_setzero_ps(); 4];
+                for (j, v) in wv.iter_mut().enumerate() {
+                    *v = w.load8(i + 8 * j);
+                }
+                for (qt, xt) in qr.iter_mut().zip(x) {
+                    for (j, q) in qt.iter_mut().enumerate() {
+                        *q = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(xt.add(i + 8 * j)), *q);
+                    }
                 }
             }
             i += 32;
         }
-        let mut acc = [[[_mm512_setzero_ps(); 2]; T]; 1];
-        for (a, q) in acc[0].iter_mut().zip(&q) {
-            *a = [join256(q[0], q[1]), join256(q[2], q[3])];
+        let mut acc = [[[_mm512_setzero_ps(); 2]; T]; R];
+        for (ar, qr) in acc.iter_mut().zip(&q) {
+            for (a, q) in ar.iter_mut().zip(qr) {
+                *a = [join256(q[0], q[1]), join256(q[2], q[3])];
+            }
         }
-        tail(&[w], &x, k, i, &mut acc);
-        reduce_pairs(&acc)[0]
+        tail(&w, &x, k, i, &mut acc);
+        reduce_pairs(&acc)
     }
 
     /// `[lo | hi]` as one 512-bit register.

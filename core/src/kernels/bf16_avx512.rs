@@ -97,37 +97,53 @@ mod x86 {
         }
     }
 
-    /// `out[i] = w row (o + i) . x row 0`, one row after another (as
+    /// `out[r][i] = w row (o[r] + i) . x row 0`: `R` runs of rows (of one
+    /// length), each one row after another (as
     /// [`crate::kernels::avx512::x86::gemv`]).
     ///
     /// # Safety
-    /// AVX-512 F/BW/VL and BF16 are available; rows `o..o + out.len()` of
-    /// `w` (rows of `x.k()`) are in bounds; row 0 of `x` is rounded.
+    /// AVX-512 F/BW/VL and BF16 are available; rows `o[r]..o[r] +
+    /// out[r].len()` of `w` (rows of `x.k()`) are in bounds; row 0 of `x`
+    /// is rounded.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn gemv(w: *const bf16, o: usize, x: &Bf16Rows, out: &mut [f32]) {
+    pub unsafe fn gemv<const R: usize>(w: *const bf16, o: [usize; R], x: &Bf16Rows, out: [&mut [f32]; R]) {
         let k = x.k;
         let xr = x.row(0);
-        for (r, v) in out.iter_mut().enumerate() {
-            let wr = w.add((o + r) * k) as *const u16;
+        let len = out.iter().map(|run| run.len()).min().unwrap_or(0);
+        for e in 0..len {
+            let mut wr = [core::ptr::null::<u16>(); R];
+            for (wr, o) in wr.iter_mut().zip(o) {
+                *wr = w.add((o + e) * k) as *const u16;
+            }
             // A 1 x 1 tile's two chains as four 256-bit quarters (lanes
             // `8q..8q + 8` of chain `q / 2`), each lane the same operations
             // in the same order: 256-bit loads stream faster from memory on
             // Zen 4 (as [`crate::kernels::avx512::x86::gemv`]'s rows).
-            let mut q = [_mm256_setzero_ps(); 4];
+            let mut q = [[_mm256_setzero_ps(); 4]; R];
             let mut i = 0;
             while i + 2 * BLOCK <= k {
-                for (j, q) in q.iter_mut().enumerate() {
-                    let at = i + 16 * j;
-                    let wv =
-                        core::mem::transmute::<__m256i, __m256bh>(_mm256_loadu_si256(wr.add(at) as *const _));
-                    let xv =
-                        core::mem::transmute::<__m256i, __m256bh>(_mm256_loadu_si256(xr.add(at) as *const _));
-                    *q = _mm256_dpbf16_ps(*q, wv, xv);
+                for (wr, q) in wr.iter().zip(q.iter_mut()) {
+                    for (j, q) in q.iter_mut().enumerate() {
+                        let at = i + 16 * j;
+                        let wv = core::mem::transmute::<__m256i, __m256bh>(_mm256_loadu_si256(
+                            wr.add(at) as *const _
+                        ));
+                        let xv = core::mem::transmute::<__m256i, __m256bh>(_mm256_loadu_si256(
+                            xr.add(at) as *const _
+                        ));
+                        *q = _mm256_dpbf16_ps(*q, wv, xv);
+                    }
                 }
                 i += 2 * BLOCK;
             }
-            let acc = [[[join256(q[0], q[1]), join256(q[2], q[3])]]];
-            *v = finish::<1, 1>([wr], [xr], k, i, acc)[0][0];
+            let mut acc = [[[_mm512_setzero_ps(); 2]; 1]; R];
+            for (a, q) in acc.iter_mut().zip(&q) {
+                a[0] = [join256(q[0], q[1]), join256(q[2], q[3])];
+            }
+            let v = finish::<R, 1>(wr, [xr], k, i, acc);
+            for r in 0..R {
+                *out[r].get_unchecked_mut(e) = v[r][0];
+            }
         }
     }
 

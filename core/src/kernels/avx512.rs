@@ -796,7 +796,7 @@ pub(crate) mod x86 {
         x: *const f32,
         k: usize,
         o: [usize; R],
-        out: [&mut [f32]; R],
+        mut out: [&mut [f32]; R],
     ) {
         let n = out.iter().map(|run| run.len()).min().unwrap_or(0);
         for i in 0..n {
@@ -805,8 +805,8 @@ pub(crate) mod x86 {
                 *row = w.row(o + i, k);
             }
             let v = lone_dots(rows, [x], k);
-            for r in 0..R {
-                *out[r].get_unchecked_mut(i) = v[r][0];
+            for (run, v) in out.iter_mut().zip(v) {
+                run[i] = v[0];
             }
         }
     }
@@ -832,12 +832,11 @@ pub(crate) mod x86 {
     /// An `R x T` [`tile`], bit for bit, for rows streamed from memory:
     /// each pair's two chains held as four 256-bit quarters (lanes
     /// `8q..8q + 8` of chain `q / 2`), each lane the same FMAs in the same
-    /// order. On Zen 4
-    /// a row read through 16-byte widening loads and 256-bit FMAs streams
-    /// faster than through 512-bit ones (an isolated two-thread harness on
-    /// the 77 MB lm head, as a share of the bare read, seven paired sets:
-    /// bf16 0.87-0.95 against 0.76-0.93, f32 0.93-1.04 against 0.88-0.96;
-    /// the README's "CPU speed").
+    /// order. On Zen 4 a row read through 16-byte widening loads and
+    /// 256-bit FMAs streams faster than through 512-bit ones (an isolated
+    /// two-thread harness on the 77 MB lm head, as a share of the bare
+    /// read, seven paired sets: bf16 0.87-0.95 against 0.76-0.93, f32
+    /// 0.93-1.04 against 0.88-0.96; the README's "CPU speed").
     ///
     /// # Safety
     /// As [`tile`].

@@ -106,14 +106,19 @@ mod x86 {
     /// out[r].len()` of `w` (rows of `x.k()`) are in bounds; row 0 of `x`
     /// is rounded.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn gemv<const R: usize>(w: *const bf16, o: [usize; R], x: &Bf16Rows, out: [&mut [f32]; R]) {
+    pub unsafe fn gemv<const R: usize>(
+        w: *const bf16,
+        o: [usize; R],
+        x: &Bf16Rows,
+        mut out: [&mut [f32]; R],
+    ) {
         let k = x.k;
         let xr = x.row(0);
         let len = out.iter().map(|run| run.len()).min().unwrap_or(0);
-        for e in 0..len {
+        for row in 0..len {
             let mut wr = [core::ptr::null::<u16>(); R];
             for (wr, o) in wr.iter_mut().zip(o) {
-                *wr = w.add((o + e) * k) as *const u16;
+                *wr = w.add((o + row) * k) as *const u16;
             }
             // A 1 x 1 tile's two chains as four 256-bit quarters (lanes
             // `8q..8q + 8` of chain `q / 2`), each lane the same operations
@@ -141,8 +146,8 @@ mod x86 {
                 a[0] = [join256(q[0], q[1]), join256(q[2], q[3])];
             }
             let v = finish::<R, 1>(wr, [xr], k, i, acc);
-            for r in 0..R {
-                *out[r].get_unchecked_mut(e) = v[r][0];
+            for (run, v) in out.iter_mut().zip(v) {
+                run[row] = v[0];
             }
         }
     }

@@ -152,7 +152,7 @@ mod x86 {
     /// AVX-512 F/BW/VL and VNNI are available; rows `o[r]..o[r] +
     /// out[r].len()` of `w` are in bounds; row 0 of `x` is quantized.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn gemv<const R: usize>(w: Q8Rows, o: [usize; R], x: &QuantRows, out: [&mut [f32]; R]) {
+    pub unsafe fn gemv<const R: usize>(w: Q8Rows, o: [usize; R], x: &QuantRows, mut out: [&mut [f32]; R]) {
         let (k, (xq, xs, xc)) = (x.k, x.row(0));
         let nb = k / Q8_BLOCK;
         let top = _mm512_set1_epi8(-128);
@@ -208,8 +208,8 @@ mod x86 {
                 }
                 g += 16;
             }
-            for r in 0..R {
-                *out[r].get_unchecked_mut(i) = reduce_pairs::<1, 1>(&[[[acc[r], _mm512_setzero_ps()]]])[0][0];
+            for (run, acc) in out.iter_mut().zip(acc) {
+                run[i] = reduce_pairs::<1, 1>(&[[[acc, _mm512_setzero_ps()]]])[0][0];
             }
         }
     }

@@ -212,15 +212,7 @@ impl<'m> ReadPass<'m> {
         let t0 = Instant::now();
         par.for_each_thread(&|t| {
             let mine = &self.pieces[t * n / threads..(t + 1) * n / threads];
-            let run = mine.len() / STREAMS;
-            let mut acc = 0;
-            for j in 0..run {
-                acc ^= fold_side_by_side(core::array::from_fn::<_, STREAMS, _>(|r| mine[r * run + j]));
-            }
-            for p in &mine[STREAMS * run..] {
-                acc ^= fold_words(p);
-            }
-            sink.fetch_xor(acc, Ordering::Relaxed);
+            sink.fetch_xor(fold_share(mine), Ordering::Relaxed);
         });
         let t = t0.elapsed();
         std::hint::black_box(sink.load(Ordering::Relaxed));
@@ -273,6 +265,17 @@ fn fold_words(bytes: &[u8]) -> u64 {
     }
     let tail = blocks.remainder().iter().fold(0u64, |a, &b| a.rotate_left(8) ^ b as u64);
     acc.iter().fold(tail, |a, &b| a ^ b)
+}
+
+/// A thread's share of a [`ReadPass`]: its pieces cut into [`STREAMS`]
+/// runs read side by side, then the pieces left over one by one.
+fn fold_share(mine: &[&[u8]]) -> u64 {
+    let run = mine.len() / STREAMS;
+    let mut acc = 0;
+    for j in 0..run {
+        acc ^= fold_side_by_side(core::array::from_fn::<_, STREAMS, _>(|r| mine[r * run + j]));
+    }
+    mine[STREAMS * run..].iter().fold(acc, |a, p| a ^ fold_words(p))
 }
 
 /// [`fold_words`] of each of `pieces`, XORed, reading them side by side:
@@ -557,6 +560,15 @@ mod tests {
         // A byte left out changes the fold.
         assert_ne!(fold_side_by_side([pieces[4], &pieces[6][1..]]), pair);
         assert_ne!(fold_side_by_side([pieces[4], &pieces[6][..7776]]), pair);
+        // Shares of any count of pieces, as the threads cut them: each piece once.
+        for n in 0..=lens.len() {
+            let all = pieces[..n].iter().fold(0, |a, p| a ^ fold_words(p));
+            for threads in 1..=3 {
+                let shares =
+                    (0..threads).map(|t| fold_share(&pieces[t * n / threads..(t + 1) * n / threads]));
+                assert_eq!(shares.fold(0, |a, f| a ^ f), all, "{n} pieces, {threads} threads");
+            }
+        }
     }
 
     #[test]

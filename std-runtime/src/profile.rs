@@ -164,8 +164,7 @@ impl<'w, O: MambaOps<Weight = Tensor<'w>>> MambaOps for Timed<'_, 'w, O> {
         rows: usize,
         dt: &mut O::Buf,
     ) -> Result<(), O::Error> {
-        let bytes = bytes_of(&layer.w.dt_proj) + bytes_of(&layer.w.dt_bias);
-        self.time("dt_proj", bytes, || self.inner.dt_proj_softplus(layer, dbc, rows, dt))
+        self.time("dt_proj", dt_bytes(layer), || self.inner.dt_proj_softplus(layer, dbc, rows, dt))
     }
 
     fn conv1d_prefill(
@@ -224,7 +223,7 @@ impl<'w, O: MambaOps<Weight = Tensor<'w>>> MambaOps for Timed<'_, 'w, O> {
         y: &mut O::Buf,
     ) -> Result<(), O::Error> {
         // Timed as one: the backend may run the two over each thread's channels at once.
-        let bytes = bytes_of(&layer.w.dt_proj) + bytes_of(&layer.w.dt_bias) + scan_bytes(layer);
+        let bytes = dt_bytes(layer) + scan_bytes(layer);
         self.time("dt_proj+scan", bytes, || self.inner.dt_scan_step(layer, slots, x, dbc, xz, dt, states, y))
     }
 
@@ -241,6 +240,10 @@ impl<'w, O: MambaOps<Weight = Tensor<'w>>> MambaOps for Timed<'_, 'w, O> {
 
 fn conv_bytes(layer: Layer<'_, Tensor<'_>>) -> u64 {
     bytes_of(&layer.w.conv_w) + layer.w.conv_b.as_ref().map_or(0, bytes_of)
+}
+
+fn dt_bytes(layer: Layer<'_, Tensor<'_>>) -> u64 {
+    bytes_of(&layer.w.dt_proj) + bytes_of(&layer.w.dt_bias)
 }
 
 fn scan_bytes(layer: Layer<'_, Tensor<'_>>) -> u64 {

@@ -12,6 +12,7 @@ use crate::config::MambaConfig;
 use crate::error::CoreError;
 use crate::kernels;
 use crate::ops::{check_distinct, Layer, MambaOps, Ragged, ScanBufs};
+use crate::shares::FeatureShares;
 use crate::tensor::Tensor;
 
 /// A way to run work over disjoint chunks of an output buffer, maybe in parallel.
@@ -267,32 +268,6 @@ impl<'b> Disjoint<'b> {
     }
 }
 
-/// Most tasks a product is split into.
-const MAX_CHUNKS: usize = 48;
-
-/// Feature ranges `bounds[i]..bounds[i + 1]` of a product's tasks, and
-/// their count: each takes a share of what is left (`1 / (2 threads)`), so
-/// the first are long streams for the prefetchers and the last are short,
-/// and threads that stream at different rates still finish together.
-/// Multiples of 12 rows (the tiles' 3 and 4), at least 24.
-fn feature_chunks(n: usize, threads: usize) -> ([usize; MAX_CHUNKS + 1], usize) {
-    let mut bounds = [n; MAX_CHUNKS + 1];
-    bounds[0] = 0;
-    let (mut start, mut tasks) = (0, 0);
-    while start < n {
-        let left = n - start;
-        let size = if tasks + 1 == MAX_CHUNKS || threads <= 1 {
-            left
-        } else {
-            left.div_ceil(2 * threads).next_multiple_of(12).max(24).min(left)
-        };
-        start += size;
-        tasks += 1;
-        bounds[tasks] = start;
-    }
-    (bounds, tasks)
-}
-
 /// Rows per parallel task so every thread gets a couple of tasks.
 fn rows_per_task(rows: usize, threads: usize) -> usize {
     rows.div_ceil(threads.max(1) * 2).max(1)
@@ -344,8 +319,18 @@ impl<'a> MambaOps for CpuBackend<'a> {
         let (x, out) = product_operands(x, rows, w, bias, out)?;
         // Threads split the output features: each reads only its share of
         // the weights, once, for all rows (decode and prefill alike).
-        let (bounds, tasks) = feature_chunks(w.rows, self.par.threads());
-        self.par.for_each_task(tasks, &|i| product_part(x, rows, w, bias, bounds[i]..bounds[i + 1], &out));
+        let threads = self.par.threads();
+        if threads <= 1 {
+            // No shares to keep (and no 4 KB of them on a firmware stack).
+            product_part(x, rows, w, bias, 0..w.rows, &out);
+            return Ok(());
+        }
+        let shares = FeatureShares::new(w.rows, threads);
+        self.par.for_each_thread(&|t| {
+            while let Some(f) = shares.next(t) {
+                product_part(x, rows, w, bias, f, &out);
+            }
+        });
         Ok(())
     }
 
@@ -601,7 +586,7 @@ impl<'a> MambaOps for CpuBackend<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::{feature_chunks, CpuBackend, Parallel, MAX_CHUNKS};
+    use super::{CpuBackend, Parallel};
     use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
 
     /// Claims `threads` threads, runs everything in place.
@@ -655,30 +640,6 @@ mod tests {
                 let once = seen[..d_inner].iter().all(|n| n.load(Relaxed) == 1);
                 assert!(once, "threads {threads}, d_inner {d_inner}");
                 assert!(calls.load(Relaxed) <= threads);
-            }
-        }
-    }
-
-    #[test]
-    fn feature_chunks_cover_the_features_in_shrinking_tile_multiples() {
-        for n in [0, 1, 23, 24, 100, 3072, 50280, 1_000_000] {
-            for threads in [1, 2, 4, 16] {
-                let (b, tasks) = feature_chunks(n, threads);
-                assert!(tasks <= MAX_CHUNKS, "n={n} threads={threads}: {tasks} tasks");
-                assert_eq!((b[0], b[tasks]), (0, n), "n={n} threads={threads}");
-                let size = |i: usize| b[i + 1] - b[i];
-                assert!((0..tasks).all(|i| size(i) > 0), "n={n} threads={threads}: {b:?}");
-                // Every chunk but the last ends on a tile boundary; none grows.
-                assert!(b[1..tasks.max(1)].iter().all(|e| e % 12 == 0), "n={n} threads={threads}: {b:?}");
-                assert!(
-                    (1..tasks.saturating_sub(1)).all(|i| size(i) <= size(i - 1)),
-                    "n={n} threads={threads}: {b:?}"
-                );
-                if threads == 1 {
-                    assert!(tasks <= 1);
-                } else if n >= 24 * 2 * threads {
-                    assert!(tasks >= 2 * threads, "n={n} threads={threads}: {b:?}");
-                }
             }
         }
     }

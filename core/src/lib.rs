@@ -24,6 +24,7 @@ pub mod error;
 pub mod kernels;
 pub mod model;
 pub mod ops;
+mod shares;
 pub mod tensor;
 
 pub use config::{Footprint, MambaConfig, StateLayout, MAX_D_CONV, MAX_D_STATE};

@@ -90,10 +90,11 @@ impl OpProfile {
             ("prefill", Self::rows(&self.prefill, 1)),
             ("decode step", Self::rows(&self.decode, self.decode_steps)),
         ] {
-            out += &format!("  {phase:<12} {:>9} {:>10} {:>7} {:>8}\n", "calls", "ms", "share", "GB/s");
+            out += &format!("  {phase:<14} {:>9} {:>10} {:>7} {:>8}\n", "calls", "ms", "share", "GB/s");
+            // Op names up to `dt_proj+scan`, aligned under the header.
             for r in rows.as_array().into_iter().flatten() {
                 out += &format!(
-                    "    {:<10} {:>9.0} {:>10.3} {:>6.1}% {:>8.1}\n",
+                    "    {:<12} {:>9.0} {:>10.3} {:>6.1}% {:>8.1}\n",
                     r["op"].as_str().unwrap_or(""),
                     r["calls"].as_f64().unwrap_or(0.0),
                     r["ms"].as_f64().unwrap_or(0.0),
@@ -103,7 +104,7 @@ impl OpProfile {
             }
             let total: f64 =
                 rows.as_array().into_iter().flatten().map(|r| r["ms"].as_f64().unwrap_or(0.0)).sum();
-            out += &format!("    {:<10} {:>9} {:>10.3}\n", "total", "", total);
+            out += &format!("    {:<12} {:>9} {:>10.3}\n", "total", "", total);
         }
         out
     }
@@ -601,7 +602,15 @@ mod tests {
         let share: f64 = rows.iter().map(|r| r["share"].as_f64().unwrap()).sum();
         assert!((share - 1.0).abs() < 1e-9, "shares sum to {share}");
         assert_eq!(rows.iter().find(|r| r["op"] == "in_proj").unwrap()["calls"], layers as f64);
-        assert!(p.table().contains("decode step") && p.table().contains("lm_head"));
+        let table = p.table();
+        assert!(table.contains("decode step") && table.contains("lm_head") && table.contains("dt_proj+scan"));
+        // The header and every op's row are as long: the columns line up.
+        let widths: Vec<usize> = table
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("total"))
+            .map(|l| l.chars().count())
+            .collect();
+        assert!(widths.windows(2).all(|w| w[0] == w[1]), "{table}");
         // Without the flag, no profile.
         let plain = run(&m, &Sequential, &BenchConfig { profile: false, ..cfg }).unwrap();
         assert!(plain.profile.is_none() && plain.to_json()["profile"].is_null());

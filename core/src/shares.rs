@@ -10,13 +10,13 @@
 //! different rates still finish together.
 //!
 //! This replaced tasks of shrinking size handed out in turn from one
-//! counter (about 20 a product). Measured with `bench --profile` (130m, 2
-//! threads, alternated), the products' time a step fell at batch 16 from
-//! 24.2-26.5 to 22.5-24.2 ms in bf16 and from 25.1-26.0 to 21.4-21.9 in
-//! Q8_0; decode tok/s rose in bf16 551 -> 593 (batch 16) and 620 -> 633
-//! (64). Claiming by halves from the owner's front as well (six or seven
-//! claims a share) gained nothing over the old tasks: the long claims are
-//! what pays.
+//! counter (about 20 a product, each starting on a cold panel). Measured
+//! with `bench --profile` (130m, 2 threads, five pairs alternated), the
+//! products' time a step at batch 16 fell from 23.3-24.7 to 21.3-21.7 ms in
+//! Q8_0 and from 24.2-24.4 to 22.3-22.6 in bf16; f32 at batch 64 moved
+//! 88.9-89.8 -> 86.7-88.2; batch 1 did not move. Claiming by halves from
+//! the owner's front as well (six or seven claims a share) gained nothing
+//! over the old tasks: the long claims are what pays.
 
 use core::ops::Range;
 use core::sync::atomic::{AtomicUsize, Ordering};

@@ -115,7 +115,7 @@ impl FeatureShares {
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use super::{FeatureShares, UNIT};
+    use super::{FeatureShares, MAX_SHARES, UNIT};
     use std::{format, vec, vec::Vec};
 
     /// A small generator for the interleavings (no dependencies in core).
@@ -145,16 +145,19 @@ mod tests {
                         };
                         let ctx = format!("n={n} threads={threads} thread {t}: {r:?}");
                         assert!(!r.is_empty() && r.end <= n, "{ctx}");
-                        assert!(r.start % UNIT == 0 && (r.end % UNIT == 0 || r.end == n), "{ctx}");
+                        let unit = shares.unit;
+                        assert!(unit.is_multiple_of(UNIT) && r.start.is_multiple_of(unit), "{ctx}");
+                        assert!(r.end.is_multiple_of(unit) || r.end == n, "{ctx}");
                         seen[r.clone()].iter_mut().for_each(|v| *v += 1);
                         claims[t].push(r);
                     }
                     assert!(seen.iter().all(|&v| v == 1), "n={n} threads={threads}");
                     // What an owner claimed inside its own share is one run
                     // from the share's start, in order.
-                    let (units, owners) = (n.div_ceil(UNIT), threads.min(64));
+                    let (unit, owners) = (shares.unit, threads.min(MAX_SHARES));
+                    let units = n.div_ceil(unit);
                     for (t, claims) in claims.iter().enumerate().take(owners) {
-                        let own = units * t / owners * UNIT..(units * (t + 1) / owners * UNIT).min(n);
+                        let own = units * t / owners * unit..(units * (t + 1) / owners * unit).min(n);
                         let mut at = own.start;
                         for r in claims.iter().filter(|r| own.contains(&r.start)) {
                             assert_eq!(r.start, at, "n={n} threads={threads} thread {t}: {claims:?}");

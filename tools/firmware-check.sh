@@ -12,6 +12,9 @@
 #   MAMBA_FIRMWARE_PROMPT_IDS  prompt ids, 1,2,3 (default: "And God said" through
 #                              the model's tokenizer.json, else examples/firmware/prompt_ids.txt)
 #   MAMBA_FIRMWARE_TOKENS      tokens to generate (default 16)
+# and MAMBA_FIRMWARE_STACK_MAX, the most stack bytes the run may use
+# (default 16384: the demo model's forward pass takes about 10 KB; a
+# product that kept 4 KB of thread shares in its frame had doubled it).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -64,6 +67,12 @@ prompt=$(field prompt_ids)
 [ -n "$tokens" ] || die "no 'tokens:' line in the firmware's output"
 [ -n "$prompt" ] || die "no 'prompt_ids:' line in the firmware's output"
 n=$(echo "$tokens" | tr ',' '\n' | grep -c .)
+stack=$(field stack_bytes_used)
+stack_max=${MAMBA_FIRMWARE_STACK_MAX:-16384}
+[ -n "$stack" ] || die "no 'stack_bytes_used:' line in the firmware's output"
+if [ "$stack" -gt "$stack_max" ]; then
+    die "the firmware used $stack bytes of stack, more than MAMBA_FIRMWARE_STACK_MAX=$stack_max"
+fi
 
 # json_field FIELD: FIELD of the first JSON object line on stdin, as comma-separated ids.
 json_field() {

@@ -602,8 +602,12 @@ impl<'a> MambaOps for CpuBackend<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::{CpuBackend, Parallel};
+    extern crate std;
+    use super::{CpuBackend, Parallel, Sequential};
+    use crate::ops::MambaOps;
+    use crate::tensor::{Tensor, WData};
     use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
+    use std::{vec, vec::Vec};
 
     /// Claims `threads` threads, runs everything in place.
     struct Claims(usize);
@@ -617,6 +621,46 @@ mod tests {
         }
         fn for_each_task(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
             (0..n).for_each(f)
+        }
+    }
+
+    /// Claims `threads` threads and runs their indices last to first, in place.
+    struct LastFirst(usize);
+
+    impl Parallel for LastFirst {
+        fn threads(&self) -> usize {
+            self.0
+        }
+        fn for_each_chunk(&self, data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+            super::Sequential.for_each_chunk(data, chunk, f)
+        }
+        fn for_each_task(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+            (0..n).rev().for_each(f)
+        }
+    }
+
+    #[test]
+    fn a_product_shared_out_equals_the_sequential_one_in_any_thread_order() {
+        // Run in place, the first thread to run takes its own share and
+        // then every other share from the back: the steals cover it all.
+        let (k, n) = (40, 1001);
+        let val = |i: usize, s: f32| (i as f32 * 0.37 + s).sin() * 0.5;
+        let w: Vec<f32> = (0..n * k).map(|i| val(i, 0.1)).collect();
+        let bias: Vec<f32> = (0..n).map(|i| val(i, 2.0)).collect();
+        let x: Vec<f32> = (0..9 * k).map(|i| val(i, 1.3)).collect();
+        let (w, bias) = (Tensor::new(WData::F32(&w), n, k, "w").unwrap(), Tensor::vector_f32(&bias));
+        for rows in [1, 3, 9] {
+            let mut want = vec![0.0f32; rows * n];
+            CpuBackend::new(&Sequential).linear(&x, rows, &w, Some(&bias), &mut want).unwrap();
+            for threads in [2, 3, 5] {
+                let (first, last) = (Claims(threads), LastFirst(threads));
+                for par in [&first as &dyn Parallel, &last] {
+                    let mut got = vec![f32::NAN; rows * n];
+                    CpuBackend::new(par).linear(&x, rows, &w, Some(&bias), &mut got).unwrap();
+                    let same = got.iter().zip(&want).all(|(g, e)| g.to_bits() == e.to_bits());
+                    assert!(same, "rows {rows}, threads {threads}");
+                }
+            }
         }
     }
 

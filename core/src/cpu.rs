@@ -609,8 +609,9 @@ mod tests {
     use core::sync::atomic::{AtomicU8, AtomicUsize, Ordering::Relaxed};
     use std::{vec, vec::Vec};
 
-    /// Claims `threads` threads, runs everything in place.
-    struct Claims(usize);
+    /// Claims `threads` threads, runs everything in place: tasks first to
+    /// last, or last to first when the flag is set.
+    struct Claims(usize, bool);
 
     impl Parallel for Claims {
         fn threads(&self) -> usize {
@@ -620,22 +621,10 @@ mod tests {
             super::Sequential.for_each_chunk(data, chunk, f)
         }
         fn for_each_task(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
-            (0..n).for_each(f)
-        }
-    }
-
-    /// Claims `threads` threads and runs their indices last to first, in place.
-    struct LastFirst(usize);
-
-    impl Parallel for LastFirst {
-        fn threads(&self) -> usize {
-            self.0
-        }
-        fn for_each_chunk(&self, data: &mut [f32], chunk: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
-            super::Sequential.for_each_chunk(data, chunk, f)
-        }
-        fn for_each_task(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
-            (0..n).rev().for_each(f)
+            match self.1 {
+                false => (0..n).for_each(f),
+                true => (0..n).rev().for_each(f),
+            }
         }
     }
 
@@ -653,10 +642,9 @@ mod tests {
             let mut want = vec![0.0f32; rows * n];
             CpuBackend::new(&Sequential).linear(&x, rows, &w, Some(&bias), &mut want).unwrap();
             for threads in [2, 3, 5] {
-                let (first, last) = (Claims(threads), LastFirst(threads));
-                for par in [&first as &dyn Parallel, &last] {
+                for par in [Claims(threads, false), Claims(threads, true)] {
                     let mut got = vec![f32::NAN; rows * n];
-                    CpuBackend::new(par).linear(&x, rows, &w, Some(&bias), &mut got).unwrap();
+                    CpuBackend::new(&par).linear(&x, rows, &w, Some(&bias), &mut got).unwrap();
                     let same = got.iter().zip(&want).all(|(g, e)| g.to_bits() == e.to_bits());
                     assert!(same, "rows {rows}, threads {threads}");
                 }
@@ -667,7 +655,7 @@ mod tests {
     #[test]
     fn owned_channels_cover_d_inner_once_in_blocks_of_16() {
         for threads in [1, 2, 3, 7, 16] {
-            let par = Claims(threads);
+            let par = Claims(threads, false);
             let cpu = CpuBackend::new(&par);
             assert_eq!(cpu.owns_channels(1), threads > 1);
             assert_eq!(cpu.owns_channels(2 * threads - 1), threads > 1);

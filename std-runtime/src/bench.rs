@@ -260,12 +260,18 @@ fn fold_words(bytes: &[u8]) -> u64 {
     let mut acc = [0u64; 8];
     let mut blocks = bytes.chunks_exact(64);
     for b in &mut blocks {
-        for (a, w) in acc.iter_mut().zip(b.chunks_exact(8)) {
-            *a ^= u64::from_le_bytes(w.try_into().unwrap_or_default());
-        }
+        fold_block(&mut acc, b);
     }
     let tail = blocks.remainder().iter().fold(0u64, |a, &b| a.rotate_left(8) ^ b as u64);
     acc.iter().fold(tail, |a, &b| a ^ b)
+}
+
+/// XOR a 64-byte block's eight words into `acc`.
+#[inline(always)]
+fn fold_block(acc: &mut [u64; 8], block: &[u8]) {
+    for (a, w) in acc.iter_mut().zip(block.chunks_exact(8)) {
+        *a ^= u64::from_le_bytes(w.try_into().unwrap_or_default());
+    }
 }
 
 /// A thread's share of a [`ReadPass`]: its pieces cut into [`STREAMS`]
@@ -286,9 +292,7 @@ fn fold_side_by_side<const S: usize>(pieces: [&[u8]; S]) -> u64 {
     let mut acc = [[0u64; 8]; S];
     for at in (0..common).step_by(64) {
         for (a, p) in acc.iter_mut().zip(&pieces) {
-            for (a, w) in a.iter_mut().zip(p[at..at + 64].chunks_exact(8)) {
-                *a ^= u64::from_le_bytes(w.try_into().unwrap_or_default());
-            }
+            fold_block(a, &p[at..at + 64]);
         }
     }
     let rest = pieces.iter().fold(0, |a, p| a ^ fold_words(&p[common..]));

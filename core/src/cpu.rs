@@ -140,20 +140,19 @@ fn product_part(
     })
 }
 
-/// The product's features shared out between the pool's `threads`
+/// The product's features shared out between the pool's threads
 /// ([`FeatureShares`]). Out of line: its 4 KB of shares would otherwise sit
 /// in every caller's frame, a sequential firmware's included (it had
 /// doubled the firmware's stack, 10.1 -> 21.1 KB).
 #[inline(never)]
 fn shared_product(
     par: &dyn Parallel,
-    threads: usize,
     x: &[f32],
     rows: usize,
     (w, bias): (&Tensor<'_>, Option<&Tensor<'_>>),
     out: &Disjoint<'_>,
 ) {
-    let shares = FeatureShares::new(w.rows, threads);
+    let shares = FeatureShares::new(w.rows, par.threads());
     par.for_each_thread(&|t| {
         while let Some(f) = shares.next(t) {
             product_part(x, rows, w, bias, f, out);
@@ -340,13 +339,12 @@ impl<'a> MambaOps for CpuBackend<'a> {
         let (x, out) = product_operands(x, rows, w, bias, out)?;
         // Threads split the output features: each reads only its share of
         // the weights, once, for all rows (decode and prefill alike).
-        let threads = self.par.threads();
-        if threads <= 1 {
+        if self.par.threads() <= 1 {
             // No shares to keep: a firmware's products stay in this frame.
             product_part(x, rows, w, bias, 0..w.rows, &out);
             return Ok(());
         }
-        shared_product(self.par, threads, x, rows, (w, bias), &out);
+        shared_product(self.par, x, rows, (w, bias), &out);
         Ok(())
     }
 

@@ -90,16 +90,21 @@ fn tiles_match_portable_and_are_independent_of_the_split() {
                         assert_eq!(part[t * n_out + o].to_bits(), whole[t * n_out + o].to_bits());
                     }
                 }
-                // One token streams the range's two halves side by side
-                // (an odd count leaves a row after them): the same bits.
-                let part = product(&x[..k], 1, &w, Some(&bias), (f0, f1));
-                for o in f0..f1 {
-                    assert_eq!(
-                        part[o].to_bits(),
-                        whole[o].to_bits(),
-                        "{:?} k={k}: one token, {f0}..{f1}",
-                        wd.dtype()
-                    );
+                // One to four tokens stream the range's two halves side by
+                // side (an odd count leaves a row after them), where the
+                // format streams that many: the same bits.
+                for r in 1..=4 {
+                    let part = product(&x[..r * k], r, &w, Some(&bias), (f0, f1));
+                    for t in 0..r {
+                        for o in f0..f1 {
+                            assert_eq!(
+                                part[t * n_out + o].to_bits(),
+                                whole[t * n_out + o].to_bits(),
+                                "{:?} k={k}: {r} tokens, {f0}..{f1}, token {t} feature {o}",
+                                wd.dtype()
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -85,7 +85,7 @@ fn check_mode(mode: &str) {
         }
         let ints = ints && k <= 8192;
         let qrow = |o: usize| (&q[o * k..(o + 1) * k], &d[o * k / Q8_BLOCK..(o + 1) * k / Q8_BLOCK]);
-        for rows in [1, 3, 4, 9] {
+        for rows in [1, 2, 3, 4, 9] {
             let x = data(rows * k, rows as f32);
             // Rows read in place from a wider buffer: the same bits as packed rows.
             let strided = common::strided_product(&x, rows, &wq, k + 32);

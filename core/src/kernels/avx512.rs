@@ -157,12 +157,17 @@ trait Product {
     /// # Safety
     /// As [`Product::gemv`].
     unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R];
-    /// `out[i][t] = w[o + i] . ` token `t`, for the first `T` tokens, one
-    /// row after another as [`Product::gemv`] streams them; `false`, doing
-    /// nothing, where the format has no such kernel (its tiles serve).
+    /// `out[r][i][t] = w[o[r] + i] . ` token `t`, for the first `T`
+    /// tokens: `R` runs of rows (of one length) side by side, as
+    /// [`Product::gemv`] streams them; `false`, doing nothing, where the
+    /// format has no such kernel for `T` tokens (its tiles serve).
     /// # Safety
     /// As [`Product::gemv`], for `T` tokens.
-    unsafe fn gemv_tokens<const T: usize>(&self, o: usize, out: &mut [[f32; T]]) -> bool {
+    unsafe fn gemv_tokens<const R: usize, const T: usize>(
+        &self,
+        o: [usize; R],
+        out: [&mut [[f32; T]]; R],
+    ) -> bool {
         let _ = (o, out);
         false
     }
@@ -212,8 +217,12 @@ impl<W: x86::Rows16> Product for Floats<W> {
     unsafe fn gemv<const R: usize>(&self, o: [usize; R], out: [&mut [f32]; R]) {
         x86::gemv(self.w, self.x, self.k, o, out)
     }
-    unsafe fn gemv_tokens<const T: usize>(&self, o: usize, out: &mut [[f32; T]]) -> bool {
-        if !W::STREAMS_TOKENS {
+    unsafe fn gemv_tokens<const R: usize, const T: usize>(
+        &self,
+        o: [usize; R],
+        out: [&mut [[f32; T]]; R],
+    ) -> bool {
+        if T > W::STREAM_TOKENS {
             return false;
         }
         let (x, stride) = (self.x, self.stride);
@@ -266,6 +275,14 @@ impl Product for Q8Ints {
     }
     unsafe fn gemv<const R: usize>(&self, o: [usize; R], out: [&mut [f32]; R]) {
         q8::gemv(self.w, o, &self.x, out)
+    }
+    unsafe fn gemv_tokens<const R: usize, const T: usize>(
+        &self,
+        o: [usize; R],
+        out: [&mut [[f32; T]]; R],
+    ) -> bool {
+        q8::gemv_tokens(self.w, o, &self.x, out);
+        true
     }
     unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R] {
         macro_rules! call {
@@ -368,24 +385,45 @@ fn streamed<P: Product, const T: usize>(
 ) -> bool {
     // SAFETY: rows 0..T of x are in bounds (asserted by the caller).
     unsafe { p.tokens(x, stride, 0, T) };
-    let (mut buf, mut run) = ([[0.0f32; T]; 32], [0.0f32; 32]);
-    let mut o = f0;
-    while o < f1 {
-        let n = (f1 - o).min(buf.len());
-        // SAFETY: rows o..o+n are in bounds (asserted by the caller).
-        if !unsafe { p.gemv_tokens(o, &mut buf[..n]) } {
-            return false;
+    // Two runs side by side, as one token's rows (`blocked`), then the
+    // rows after them (fewer than two).
+    let Some(rest) = streamed_runs::<_, 2, T>(p, (f0, f1), add_bias, store) else { return false };
+    streamed_runs::<_, 1, T>(p, (rest, f1), add_bias, store).is_some()
+}
+
+/// [`streamed`]'s features `f0..f1` cut into `R` runs of equal length
+/// streamed side by side; returns where the rows left after them start,
+/// `None` (having stored nothing) where `p` has no such kernel.
+#[cfg(target_arch = "x86_64")]
+fn streamed_runs<P: Product, const R: usize, const T: usize>(
+    p: &P,
+    (f0, f1): (usize, usize),
+    add_bias: &impl Fn(&mut [f32], usize),
+    store: &mut impl FnMut(usize, usize, &[f32]),
+) -> Option<usize> {
+    let part = (f1 - f0) / R;
+    let mut o: [usize; R] = core::array::from_fn(|r| f0 + r * part);
+    let (mut bufs, mut run) = ([[[0.0f32; T]; 32]; R], [0.0f32; 32]);
+    let mut done = 0;
+    while done < part {
+        let n = (part - done).min(32);
+        // SAFETY: rows o[r]..o[r] + n are in bounds (asserted by the caller).
+        if !unsafe { p.gemv_tokens(o, bufs.each_mut().map(|b| &mut b[..n])) } {
+            return None;
         }
-        for t in 0..T {
-            for (v, b) in run.iter_mut().zip(&buf[..n]) {
-                *v = b[t];
+        for (buf, o) in bufs.iter().zip(o) {
+            for t in 0..T {
+                for (v, b) in run.iter_mut().zip(&buf[..n]) {
+                    *v = b[t];
+                }
+                add_bias(&mut run[..n], o);
+                store(t, o, &run[..n]);
             }
-            add_bias(&mut run[..n], o);
-            store(t, o, &run[..n]);
         }
-        o += n;
+        o = o.map(|o| o + n);
+        done += n;
     }
-    true
+    Some(f0 + R * part)
 }
 
 /// Features `f0..f1` for the first token, cut into `R` runs of equal
@@ -463,9 +501,10 @@ fn blocked(
         return;
     }
     // A few tokens (a small batch's decode step) stream the rows the same
-    // way where the format gains (`Rows16::STREAMS_TOKENS`), each row
-    // against every token: tiles of interleaved rows read f32 weights at
-    // about half the rate (batch 2 stepped at 0.58x batch 1's steps/s).
+    // way, two runs side by side, where the format gains (Q8_0, and
+    // `Rows16::STREAM_TOKENS`), each row against every token: tiles of
+    // interleaved rows read f32 weights at about half the rate (batch 2
+    // stepped at 0.58x batch 1's steps/s).
     let streamed = match rows {
         2 => streamed::<_, 2>(p, (x, stride), (f0, f1), &add_bias, store),
         3 => streamed::<_, 3>(p, (x, stride), (f0, f1), &add_bias, store),
@@ -569,18 +608,23 @@ pub(crate) mod x86 {
         unsafe fn row(self, r: usize, k: usize) -> Self;
         /// The bytes the weights stream from (for prefetch hints).
         fn bytes(self) -> *const u8;
-        /// Whether a few tokens are better served by streaming rows against
-        /// all of them ([`gemv_tokens`]) than by tiles. f32 rows need no
-        /// widening: batch 2 decoded 1.84x batch 1's tokens/s that way,
-        /// 1.13x through tiles (130m). Widened rows (bf16, f16) made the lone
-        /// 256-bit stream compute-bound: slower than their tiles (batch 2
-        /// 157 against 179 tok/s in bf16).
-        const STREAMS_TOKENS: bool = false;
+        /// Up to how many tokens rows are better streamed against all of
+        /// them ([`gemv_tokens`], two runs side by side) than run through
+        /// tiles. f32 rows need no widening: batch 2 decoded 1.84x batch
+        /// 1's tokens/s that way (one run), 1.13x through tiles (130m).
+        /// Widened rows (bf16, f16) on one run were compute-bound, slower
+        /// than their tiles (batch 2 157 against 179 tok/s in bf16); on two
+        /// runs side by side they gain up to three tokens and lose at four
+        /// (130m, slow minutes, 3-4 alternations, tok/s tiles -> streamed:
+        /// bf16 b2 184 -> 268, b3 255 -> 334, b4 330 -> 288; f16 177 ->
+        /// 270, 254 -> 360, 343 -> 282). f32 at four tokens: one run 178,
+        /// two 213.
+        const STREAM_TOKENS: usize = 0;
     }
 
     impl<W: Widen16> Rows16 for *const W {
-        // f32, the one 4-byte element.
-        const STREAMS_TOKENS: bool = core::mem::size_of::<W>() == 4;
+        // f32 (the one 4-byte element) up to the tiles' tokens; bf16 and f16 three.
+        const STREAM_TOKENS: usize = if core::mem::size_of::<W>() == 4 { super::TILE_T } else { 3 };
         #[inline(always)]
         unsafe fn load16(self, i: usize) -> __m512 {
             W::load16(self.add(i))
@@ -796,7 +840,24 @@ pub(crate) mod x86 {
         x: *const f32,
         k: usize,
         o: [usize; R],
-        mut out: [&mut [f32]; R],
+        out: [&mut [f32]; R],
+    ) {
+        gemv_tokens(w, [x], k, o, out.map(bytemuck::cast_slice_mut::<f32, [f32; 1]>))
+    }
+
+    /// [`gemv`] against `T` tokens: `out[r][i][t] = w row (o[r] + i) .
+    /// x[t]`, `R` runs of rows (of one length) side by side, each row read
+    /// once for all the tokens.
+    ///
+    /// # Safety
+    /// As [`gemv`], for each of the `T` rows of `x`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn gemv_tokens<W: Rows16, const R: usize, const T: usize>(
+        w: W,
+        x: [*const f32; T],
+        k: usize,
+        o: [usize; R],
+        mut out: [&mut [[f32; T]]; R],
     ) {
         let n = out.iter().map(|run| run.len()).min().unwrap_or(0);
         for i in 0..n {
@@ -804,28 +865,10 @@ pub(crate) mod x86 {
             for (row, o) in rows.iter_mut().zip(o) {
                 *row = w.row(o + i, k);
             }
-            let v = lone_dots(rows, [x], k);
+            let v = lone_dots(rows, x, k);
             for (run, v) in out.iter_mut().zip(v) {
-                run[i] = v[0];
+                run[i] = v;
             }
-        }
-    }
-
-    /// [`gemv`] against `T` tokens: `out[i][t] = w row (o + i) . x[t]`,
-    /// each row read once for all of them.
-    ///
-    /// # Safety
-    /// As [`gemv`], for each of the `T` rows of `x`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn gemv_tokens<W: Rows16, const T: usize>(
-        w: W,
-        x: [*const f32; T],
-        k: usize,
-        o: usize,
-        out: &mut [[f32; T]],
-    ) {
-        for (i, v) in out.iter_mut().enumerate() {
-            *v = lone_dots([w.row(o + i, k)], x, k)[0];
         }
     }
 

@@ -152,11 +152,34 @@ mod x86 {
     /// AVX-512 F/BW/VL and VNNI are available; rows `o[r]..o[r] +
     /// out[r].len()` of `w` are in bounds; row 0 of `x` is quantized.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn gemv<const R: usize>(w: Q8Rows, o: [usize; R], x: &QuantRows, mut out: [&mut [f32]; R]) {
-        let (k, (xq, xs, xc)) = (x.k, x.row(0));
-        let nb = k / Q8_BLOCK;
+    pub unsafe fn gemv<const R: usize>(w: Q8Rows, o: [usize; R], x: &QuantRows, out: [&mut [f32]; R]) {
+        gemv_tokens(w, o, x, out.map(bytemuck::cast_slice_mut::<f32, [f32; 1]>))
+    }
+
+    /// [`gemv`] against the first `T` quantized rows of `x`: `out[r][i][t]
+    /// = w row (o[r] + i) . x row t`, `R` runs of rows (of one length)
+    /// streamed side by side, each row read once for all the tokens (a
+    /// small batch's decode step). Each pair is [`gemv`]'s operations for
+    /// that token, so the same bits. Against the tiles of interleaved rows
+    /// (130m, three alternations, fast minutes, decode tok/s): batch 2 266
+    /// -> 321 on one run, 378 on two; batch 4 346 -> 404, 465.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and VNNI are available; rows `o[r]..o[r] +
+    /// out[r].len()` of `w` are in bounds; rows `0..T` of `x` are quantized.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub unsafe fn gemv_tokens<const R: usize, const T: usize>(
+        w: Q8Rows,
+        o: [usize; R],
+        x: &QuantRows,
+        mut out: [&mut [[f32; T]]; R],
+    ) {
+        let (k, nb) = (x.k, x.k / Q8_BLOCK);
+        let mut xr = [(core::ptr::null::<i8>(), core::ptr::null::<f32>(), core::ptr::null::<i32>()); T];
+        for (t, xr) in xr.iter_mut().enumerate() {
+            *xr = x.row(t);
+        }
         let top = _mm512_set1_epi8(-128);
-        // Lanes 0..8 from scale `j`, lanes 8..16 from `j + 1`, for j = 0.
         let pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         let len = out.iter().map(|run| run.len()).min().unwrap_or(0);
         for i in 0..len {
@@ -164,52 +187,67 @@ mod x86 {
             for (row, o) in rows.iter_mut().zip(o) {
                 *row = w.row(o + i, k);
             }
-            let mut acc = [_mm512_setzero_ps(); R];
+            let mut acc = [[_mm512_setzero_ps(); T]; R];
             let mut g = 0;
             while g < nb {
                 let n = (nb - g).min(16);
                 let m = (u32::MAX >> (32 - n)) as __mmask16;
-                let dx = _mm512_maskz_loadu_ps(m, xs.add(g));
-                let mut scale = [_mm512_setzero_ps(); R];
+                let mut dx = [_mm512_setzero_ps(); T];
+                for (d, xr) in dx.iter_mut().zip(&xr) {
+                    *d = _mm512_maskz_loadu_ps(m, xr.1.add(g));
+                }
+                let mut scale = [[_mm512_setzero_ps(); T]; R];
                 for (s, row) in scale.iter_mut().zip(&rows) {
-                    *s = _mm512_mul_ps(
-                        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row.d.add(g) as *const i16)),
-                        dx,
-                    );
+                    let dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row.d.add(g) as *const i16));
+                    for (s, dx) in s.iter_mut().zip(dx) {
+                        *s = _mm512_mul_ps(dw, dx);
+                    }
                 }
                 let mut j = 0;
                 while j + 2 <= n {
                     let at = (g + j) * Q8_BLOCK;
-                    let xv = _mm512_loadu_si512(xq.add(at) as *const _);
-                    let cv = _mm512_loadu_si512(xc.add((g + j) * LANES) as *const _);
                     let idx = _mm512_add_epi32(pair, _mm512_set1_epi32(j as i32));
                     for r in 0..R {
                         let wv = _mm512_xor_si512(_mm512_loadu_si512(rows[r].q.add(at) as *const _), top);
-                        let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(cv, wv, xv));
-                        acc[r] = _mm512_fmadd_ps(p, _mm512_permutexvar_ps(idx, scale[r]), acc[r]);
+                        for t in 0..T {
+                            let xv = _mm512_loadu_si512(xr[t].0.add(at) as *const _);
+                            let cv = _mm512_loadu_si512(xr[t].2.add((g + j) * LANES) as *const _);
+                            let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(cv, wv, xv));
+                            acc[r][t] =
+                                _mm512_fmadd_ps(p, _mm512_permutexvar_ps(idx, scale[r][t]), acc[r][t]);
+                        }
                     }
                     j += 2;
                 }
                 if j < n {
                     // The last block alone: even lanes only, the odd ones kept.
                     let at = (g + j) * Q8_BLOCK;
-                    let xv = _mm256_loadu_si256(xq.add(at) as *const __m256i);
-                    let cv = _mm256_loadu_si256(xc.add((g + j) * LANES) as *const __m256i);
                     let idx = _mm512_set1_epi32(j as i32);
                     for r in 0..R {
                         let wv = _mm256_xor_si256(
                             _mm256_loadu_si256(rows[r].q.add(at) as *const __m256i),
                             _mm512_castsi512_si256(top),
                         );
-                        let p = _mm512_castps256_ps512(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(cv, wv, xv)));
-                        acc[r] =
-                            _mm512_mask3_fmadd_ps(p, _mm512_permutexvar_ps(idx, scale[r]), acc[r], 0x00ff);
+                        for t in 0..T {
+                            let xv = _mm256_loadu_si256(xr[t].0.add(at) as *const __m256i);
+                            let cv = _mm256_loadu_si256(xr[t].2.add((g + j) * LANES) as *const __m256i);
+                            let p =
+                                _mm512_castps256_ps512(_mm256_cvtepi32_ps(_mm256_dpbusd_epi32(cv, wv, xv)));
+                            acc[r][t] = _mm512_mask3_fmadd_ps(
+                                p,
+                                _mm512_permutexvar_ps(idx, scale[r][t]),
+                                acc[r][t],
+                                0x00ff,
+                            );
+                        }
                     }
                 }
                 g += 16;
             }
             for (run, acc) in out.iter_mut().zip(acc) {
-                run[i] = reduce_pairs::<1, 1>(&[[[acc, _mm512_setzero_ps()]]])[0][0];
+                for (v, acc) in run[i].iter_mut().zip(acc) {
+                    *v = reduce_pairs::<1, 1>(&[[[acc, _mm512_setzero_ps()]]])[0][0];
+                }
             }
         }
     }

@@ -157,19 +157,20 @@ trait Product {
     /// # Safety
     /// As [`Product::gemv`].
     unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R];
+    /// Whether [`Product::gemv_tokens`] serves `t` tokens (else the tiles do).
+    fn streams(&self, t: usize) -> bool {
+        let _ = t;
+        false
+    }
     /// `out[r][i][t] = w[o[r] + i] . ` token `t`, for the first `T`
     /// tokens: `R` runs of rows (of one length) side by side, as
-    /// [`Product::gemv`] streams them; `false`, doing nothing, where the
-    /// format has no such kernel for `T` tokens (its tiles serve).
+    /// [`Product::gemv`] streams them. Called only where
+    /// [`Product::streams`] `(T)`.
     /// # Safety
     /// As [`Product::gemv`], for `T` tokens.
-    unsafe fn gemv_tokens<const R: usize, const T: usize>(
-        &self,
-        o: [usize; R],
-        out: [&mut [[f32; T]]; R],
-    ) -> bool {
+    unsafe fn gemv_tokens<const R: usize, const T: usize>(&self, o: [usize; R], out: [&mut [[f32; T]]; R]) {
         let _ = (o, out);
-        false
+        unreachable!("gemv_tokens of a format that streams no tokens")
     }
 
     /// `out[i] = w[i] . x` for the first `out.len()` rows.
@@ -217,17 +218,12 @@ impl<W: x86::Rows16> Product for Floats<W> {
     unsafe fn gemv<const R: usize>(&self, o: [usize; R], out: [&mut [f32]; R]) {
         x86::gemv(self.w, self.x, self.k, o, out)
     }
-    unsafe fn gemv_tokens<const R: usize, const T: usize>(
-        &self,
-        o: [usize; R],
-        out: [&mut [[f32; T]]; R],
-    ) -> bool {
-        if T > W::STREAM_TOKENS {
-            return false;
-        }
+    fn streams(&self, t: usize) -> bool {
+        t <= W::STREAM_TOKENS
+    }
+    unsafe fn gemv_tokens<const R: usize, const T: usize>(&self, o: [usize; R], out: [&mut [[f32; T]]; R]) {
         let (x, stride) = (self.x, self.stride);
         x86::gemv_tokens(self.w, core::array::from_fn(|t| x.add(t * stride)), self.k, o, out);
-        true
     }
     unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R] {
         let (w, k, x, stride) = (self.w, self.k, self.x, self.stride);
@@ -276,13 +272,11 @@ impl Product for Q8Ints {
     unsafe fn gemv<const R: usize>(&self, o: [usize; R], out: [&mut [f32]; R]) {
         q8::gemv(self.w, o, &self.x, out)
     }
-    unsafe fn gemv_tokens<const R: usize, const T: usize>(
-        &self,
-        o: [usize; R],
-        out: [&mut [[f32; T]]; R],
-    ) -> bool {
-        q8::gemv_tokens(self.w, o, &self.x, out);
-        true
+    fn streams(&self, t: usize) -> bool {
+        t <= TILE_T
+    }
+    unsafe fn gemv_tokens<const R: usize, const T: usize>(&self, o: [usize; R], out: [&mut [[f32; T]]; R]) {
+        q8::gemv_tokens(self.w, o, &self.x, out)
     }
     unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R] {
         macro_rules! call {
@@ -374,7 +368,7 @@ fn place<const R: usize, const T: usize>(out: &mut [[f32; TILE_T]; TILE_R], v: [
 }
 
 /// [`blocked`] for `T` tokens through [`Product::gemv_tokens`]; `false`,
-/// having stored nothing, where `p` has no such kernel.
+/// having stored nothing, where `p` does not stream `T` tokens.
 #[cfg(target_arch = "x86_64")]
 fn streamed<P: Product, const T: usize>(
     p: &mut P,
@@ -383,24 +377,27 @@ fn streamed<P: Product, const T: usize>(
     add_bias: &impl Fn(&mut [f32], usize),
     store: &mut impl FnMut(usize, usize, &[f32]),
 ) -> bool {
+    if !p.streams(T) {
+        return false;
+    }
     // SAFETY: rows 0..T of x are in bounds (asserted by the caller).
     unsafe { p.tokens(x, stride, 0, T) };
     // Two runs side by side, as one token's rows (`blocked`), then the
     // rows after them (fewer than two).
-    let Some(rest) = streamed_runs::<_, 2, T>(p, (f0, f1), add_bias, store) else { return false };
-    streamed_runs::<_, 1, T>(p, (rest, f1), add_bias, store).is_some()
+    let rest = streamed_runs::<_, 2, T>(p, (f0, f1), add_bias, store);
+    streamed_runs::<_, 1, T>(p, (rest, f1), add_bias, store);
+    true
 }
 
 /// [`streamed`]'s features `f0..f1` cut into `R` runs of equal length
-/// streamed side by side; returns where the rows left after them start,
-/// `None` (having stored nothing) where `p` has no such kernel.
+/// streamed side by side; returns where the rows left after them start.
 #[cfg(target_arch = "x86_64")]
 fn streamed_runs<P: Product, const R: usize, const T: usize>(
     p: &P,
     (f0, f1): (usize, usize),
     add_bias: &impl Fn(&mut [f32], usize),
     store: &mut impl FnMut(usize, usize, &[f32]),
-) -> Option<usize> {
+) -> usize {
     let part = (f1 - f0) / R;
     let mut o: [usize; R] = core::array::from_fn(|r| f0 + r * part);
     let (mut bufs, mut run) = ([[[0.0f32; T]; 32]; R], [0.0f32; 32]);
@@ -408,9 +405,7 @@ fn streamed_runs<P: Product, const R: usize, const T: usize>(
     while done < part {
         let n = (part - done).min(32);
         // SAFETY: rows o[r]..o[r] + n are in bounds (asserted by the caller).
-        if !unsafe { p.gemv_tokens(o, bufs.each_mut().map(|b| &mut b[..n])) } {
-            return None;
-        }
+        unsafe { p.gemv_tokens(o, bufs.each_mut().map(|b| &mut b[..n])) };
         for (buf, o) in bufs.iter().zip(o) {
             for t in 0..T {
                 for (v, b) in run.iter_mut().zip(&buf[..n]) {
@@ -423,7 +418,7 @@ fn streamed_runs<P: Product, const R: usize, const T: usize>(
         o = o.map(|o| o + n);
         done += n;
     }
-    Some(f0 + R * part)
+    f0 + R * part
 }
 
 /// Features `f0..f1` for the first token, cut into `R` runs of equal

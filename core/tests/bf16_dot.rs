@@ -32,7 +32,7 @@ mod x86 {
             let w: Vec<bf16> =
                 common::values(n_out * k, k as u32, -1.0, 1.0).into_iter().map(bf16::from_f32).collect();
             let wt = Tensor::new(WData::BF16(&w), n_out, k, "w").unwrap();
-            for rows in [1, 3, 4, 9] {
+            for rows in [1, 2, 3, 4, 9] {
                 let x = common::values(rows * k, 7 + rows as u32, -3.0, 3.0);
                 let whole = product(&x, rows, &wt, (0, n_out));
                 for t in 0..rows {
@@ -55,8 +55,8 @@ mod x86 {
                 }
                 // Features split as threads split them, rows read in place from
                 // a wider buffer, and each token alone: the same bits.
-                // (One token streams a range's two halves side by side; 2..9
-                // leaves a row after them.)
+                // (One to three tokens stream a range's two halves side by
+                // side; 2..9 leaves a row after them.)
                 let parts = [(3, 7), (2, 9)].map(|f| (f, product(&x, rows, &wt, f)));
                 let strided = common::strided_product(&x, rows, &wt, k + 5);
                 assert_eq!(common::bits(&strided), common::bits(&whole), "k={k} rows={rows}: strided");

@@ -99,21 +99,37 @@ mod x86 {
 
     /// `out[r][i] = w row (o[r] + i) . x row 0`: `R` runs of rows (of one
     /// length), each one row after another (as
-    /// [`crate::kernels::avx512::x86::gemv`]).
+    /// [`crate::kernels::avx512::x86::gemv`]): [`gemv_tokens`] for one token.
     ///
     /// # Safety
     /// AVX-512 F/BW/VL and BF16 are available; rows `o[r]..o[r] +
     /// out[r].len()` of `w` (rows of `x.k()`) are in bounds; row 0 of `x`
     /// is rounded.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn gemv<const R: usize>(
+    pub unsafe fn gemv<const R: usize>(w: *const bf16, o: [usize; R], x: &Bf16Rows, out: [&mut [f32]; R]) {
+        gemv_tokens(w, o, x, out.map(bytemuck::cast_slice_mut::<f32, [f32; 1]>))
+    }
+
+    /// `out[r][i][t] = w row (o[r] + i) . x row t` for the first `T`
+    /// rounded rows of `x`: `R` runs of rows (of one length) side by side,
+    /// each row read once for all the tokens (a small batch's decode step).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL and BF16 are available; rows `o[r]..o[r] +
+    /// out[r].len()` of `w` (rows of `x.k()`) are in bounds; rows `0..T`
+    /// of `x` are rounded.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub unsafe fn gemv_tokens<const R: usize, const T: usize>(
         w: *const bf16,
         o: [usize; R],
         x: &Bf16Rows,
-        mut out: [&mut [f32]; R],
+        mut out: [&mut [[f32; T]]; R],
     ) {
         let k = x.k;
-        let xr = x.row(0);
+        let mut xr = [core::ptr::null::<u16>(); T];
+        for (t, xr) in xr.iter_mut().enumerate() {
+            *xr = x.row(t);
+        }
         let len = out.iter().map(|run| run.len()).min().unwrap_or(0);
         for row in 0..len {
             let mut wr = [core::ptr::null::<u16>(); R];
@@ -121,33 +137,38 @@ mod x86 {
                 *wr = w.add((o + row) * k) as *const u16;
             }
             // A 1 x 1 tile's two chains as four 256-bit quarters (lanes
-            // `8q..8q + 8` of chain `q / 2`), each lane the same operations
-            // in the same order: 256-bit loads stream faster from memory on
-            // Zen 4 (as [`crate::kernels::avx512::x86::gemv`]'s rows).
-            let mut q = [[_mm256_setzero_ps(); 4]; R];
+            // `8q..8q + 8` of chain `q / 2`) for each pair, each lane the
+            // same operations in the same order: 256-bit loads stream
+            // faster from memory on Zen 4 (as
+            // [`crate::kernels::avx512::x86::gemv`]'s rows).
+            let mut q = [[[_mm256_setzero_ps(); 4]; T]; R];
             let mut i = 0;
             while i + 2 * BLOCK <= k {
                 for (wr, q) in wr.iter().zip(q.iter_mut()) {
-                    for (j, q) in q.iter_mut().enumerate() {
+                    for j in 0..4 {
                         let at = i + 16 * j;
                         let wv = core::mem::transmute::<__m256i, __m256bh>(_mm256_loadu_si256(
                             wr.add(at) as *const _
                         ));
-                        let xv = core::mem::transmute::<__m256i, __m256bh>(_mm256_loadu_si256(
-                            xr.add(at) as *const _
-                        ));
-                        *q = _mm256_dpbf16_ps(*q, wv, xv);
+                        for (q, xr) in q.iter_mut().zip(&xr) {
+                            let xv = core::mem::transmute::<__m256i, __m256bh>(_mm256_loadu_si256(
+                                xr.add(at) as *const _,
+                            ));
+                            q[j] = _mm256_dpbf16_ps(q[j], wv, xv);
+                        }
                     }
                 }
                 i += 2 * BLOCK;
             }
-            let mut acc = [[[_mm512_setzero_ps(); 2]; 1]; R];
+            let mut acc = [[[_mm512_setzero_ps(); 2]; T]; R];
             for (a, q) in acc.iter_mut().zip(&q) {
-                a[0] = [join256(q[0], q[1]), join256(q[2], q[3])];
+                for (a, q) in a.iter_mut().zip(q) {
+                    *a = [join256(q[0], q[1]), join256(q[2], q[3])];
+                }
             }
-            let v = finish::<R, 1>(wr, [xr], k, i, acc);
+            let v = finish::<R, T>(wr, xr, k, i, acc);
             for (run, v) in out.iter_mut().zip(v) {
-                run[row] = v[0];
+                run[row] = v;
             }
         }
     }

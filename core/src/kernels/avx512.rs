@@ -148,37 +148,28 @@ trait Product {
     /// # Safety
     /// Those rows are in bounds; AVX-512 F/BW/VL are available.
     unsafe fn tokens(&mut self, x: &[f32], stride: usize, t0: usize, nt: usize);
-    /// `out[r][i] = w[o[r] + i] . ` the first token: `R` runs of rows,
-    /// all of one length, streamed side by side.
-    /// # Safety
-    /// Rows `o[r]..o[r] + out[r].len()` are in bounds; AVX-512 F/BW/VL are available.
-    unsafe fn gemv<const R: usize>(&self, o: [usize; R], out: [&mut [f32]; R]);
     /// Rows `o..o + nr` (`nr` 1 or [`TILE_R`]) against the `nt` tokens.
     /// # Safety
-    /// As [`Product::gemv`].
+    /// Those rows are in bounds; the tokens are made; AVX-512 F/BW/VL are available.
     unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R];
-    /// Whether [`Product::gemv_tokens`] serves `t` tokens (else the tiles do).
-    fn streams(&self, t: usize) -> bool {
-        let _ = t;
-        false
-    }
+    /// Whether [`Product::gemv_tokens`] serves `t` tokens (every format
+    /// serves one; for more, else the tiles do).
+    fn streams(&self, t: usize) -> bool;
     /// `out[r][i][t] = w[o[r] + i] . ` token `t`, for the first `T`
-    /// tokens: `R` runs of rows (of one length) side by side, as
-    /// [`Product::gemv`] streams them. Called only where
+    /// tokens: `R` runs of rows, all of one length, streamed side by side,
+    /// each row read once for all the tokens. Called where
     /// [`Product::streams`] `(T)`.
     /// # Safety
-    /// As [`Product::gemv`], for `T` tokens.
-    unsafe fn gemv_tokens<const R: usize, const T: usize>(&self, o: [usize; R], out: [&mut [[f32; T]]; R]) {
-        let _ = (o, out);
-        unreachable!("gemv_tokens of a format that streams no tokens")
-    }
+    /// Rows `o[r]..o[r] + out[r].len()` are in bounds; the first `T`
+    /// tokens are made; AVX-512 F/BW/VL are available.
+    unsafe fn gemv_tokens<const R: usize, const T: usize>(&self, o: [usize; R], out: [&mut [[f32; T]]; R]);
 
     /// `out[i] = w[i] . x` for the first `out.len()` rows.
     /// # Safety
-    /// As [`Product::gemv`]; `x` holds `k` elements.
+    /// Those rows are in bounds; `x` holds `k` elements; AVX-512 F/BW/VL are available.
     unsafe fn row_dots(&mut self, x: &[f32], out: &mut [f32]) {
         self.tokens(x, self.k(), 0, 1);
-        self.gemv([0], [out]);
+        self.gemv_tokens([0], [bytemuck::cast_slice_mut::<f32, [f32; 1]>(out)]);
     }
 }
 
@@ -214,9 +205,6 @@ impl<W: x86::Rows16> Product for Floats<W> {
     unsafe fn tokens(&mut self, x: &[f32], stride: usize, t0: usize, _nt: usize) {
         self.x = x.as_ptr().add(t0 * stride);
         self.stride = stride;
-    }
-    unsafe fn gemv<const R: usize>(&self, o: [usize; R], out: [&mut [f32]; R]) {
-        x86::gemv(self.w, self.x, self.k, o, out)
     }
     fn streams(&self, t: usize) -> bool {
         t <= W::STREAM_TOKENS
@@ -269,9 +257,6 @@ impl Product for Q8Ints {
     unsafe fn tokens(&mut self, x: &[f32], stride: usize, t0: usize, nt: usize) {
         self.x.quantize(x, stride, t0, nt);
     }
-    unsafe fn gemv<const R: usize>(&self, o: [usize; R], out: [&mut [f32]; R]) {
-        q8::gemv(self.w, o, &self.x, out)
-    }
     fn streams(&self, t: usize) -> bool {
         t <= TILE_T
     }
@@ -320,9 +305,6 @@ impl Product for Bf16Dots {
     }
     unsafe fn tokens(&mut self, x: &[f32], stride: usize, t0: usize, nt: usize) {
         self.x.round(x, stride, t0, nt);
-    }
-    unsafe fn gemv<const R: usize>(&self, o: [usize; R], out: [&mut [f32]; R]) {
-        bfd::gemv(self.w, o, &self.x, out)
     }
     /// Up to three tokens: against the tiles (130m, `--bf16-dot`, three
     /// alternations, decode tok/s) batch 2 199 -> 286, batch 3 274 -> 363,
@@ -377,7 +359,8 @@ fn place<const R: usize, const T: usize>(out: &mut [[f32; TILE_T]; TILE_R], v: [
 }
 
 /// [`blocked`] for `T` tokens through [`Product::gemv_tokens`]; `false`,
-/// having stored nothing, where `p` does not stream `T` tokens.
+/// having stored nothing, where `p` does not stream `T` tokens (never for
+/// one).
 #[cfg(target_arch = "x86_64")]
 fn streamed<P: Product, const T: usize>(
     p: &mut P,
@@ -389,10 +372,11 @@ fn streamed<P: Product, const T: usize>(
     if !p.streams(T) {
         return false;
     }
-    // SAFETY: rows 0..T of x are in bounds (asserted by the caller).
+    // SAFETY: rows 0..T of x are in bounds (asserted by the caller);
+    // enable_avx512's contract gives the CPU features.
     unsafe { p.tokens(x, stride, 0, T) };
-    // Two runs side by side, as one token's rows (`blocked`), then the
-    // rows after them (fewer than two).
+    // Two runs side by side (see `blocked`), then the rows after them
+    // (fewer than two).
     let rest = streamed_runs::<_, 2, T>(p, (f0, f1), add_bias, store);
     streamed_runs::<_, 1, T>(p, (rest, f1), add_bias, store);
     true
@@ -409,10 +393,10 @@ fn streamed_runs<P: Product, const R: usize, const T: usize>(
 ) -> usize {
     let part = (f1 - f0) / R;
     let mut o: [usize; R] = core::array::from_fn(|r| f0 + r * part);
-    let (mut bufs, mut run) = ([[[0.0f32; T]; 32]; R], [0.0f32; 32]);
+    let (mut bufs, mut run) = ([[[0.0f32; T]; 64]; R], [0.0f32; 64]);
     let mut done = 0;
     while done < part {
-        let n = (part - done).min(32);
+        let n = (part - done).min(64);
         // SAFETY: rows o[r]..o[r] + n are in bounds (asserted by the caller).
         unsafe { p.gemv_tokens(o, bufs.each_mut().map(|b| &mut b[..n])) };
         for (buf, o) in bufs.iter().zip(o) {
@@ -423,34 +407,6 @@ fn streamed_runs<P: Product, const R: usize, const T: usize>(
                 add_bias(&mut run[..n], o);
                 store(t, o, &run[..n]);
             }
-        }
-        o = o.map(|o| o + n);
-        done += n;
-    }
-    f0 + R * part
-}
-
-/// Features `f0..f1` for the first token, cut into `R` runs of equal
-/// length streamed side by side ([`Product::gemv`]); returns where the
-/// rows left after them (fewer than `R`) start.
-#[cfg(target_arch = "x86_64")]
-fn side_by_side<P: Product, const R: usize>(
-    p: &P,
-    (f0, f1): (usize, usize),
-    add_bias: &impl Fn(&mut [f32], usize),
-    store: &mut impl FnMut(usize, usize, &[f32]),
-) -> usize {
-    let part = (f1 - f0) / R;
-    let mut o: [usize; R] = core::array::from_fn(|r| f0 + r * part);
-    let mut bufs = [[0.0f32; 64]; R];
-    let mut done = 0;
-    while done < part {
-        let n = (part - done).min(64);
-        // SAFETY: rows o[r]..o[r] + n are in bounds (asserted by the caller).
-        unsafe { p.gemv(o, bufs.each_mut().map(|b| &mut b[..n])) };
-        for (run, o) in bufs.iter_mut().zip(o) {
-            add_bias(&mut run[..n], o);
-            store(0, o, &run[..n]);
         }
         o = o.map(|o| o + n);
         done += n;
@@ -482,34 +438,24 @@ fn blocked(
         }
     };
     let (k, esize) = (p.k(), p.esize());
-    if rows == 1 {
-        // One token is a pure stream of weights: rows one after another,
-        // which the DRAM prefetchers follow best (measured: interleaved
-        // rows read the lm head at half the rate), many rows per call.
-        // Two such streams, the two halves of the features, a row of each
-        // at a time: a row's dot product waits on its own FMA chains, so a
-        // lone row left the core waiting on their latency (Q8_0's one
-        // chain a row most), and the memory serves two streams faster than
-        // one. Measured at batch 1 (130m, 2 threads, `bench`, six runs a
-        // dtype alternated with one stream, medians): decode tok/s Q8_0
-        // 210 -> 219 in slow-memory minutes and 220 -> 272 in fast ones,
-        // f32 96.7 -> 103.9, bf16 173.8 -> 179.5; f16 175 -> 183 in one
-        // set, 163 -> 160 in another that changed speed halfway. Three and
-        // four streams gained no more.
-        // SAFETY: row 0 of x is in bounds (asserted by the caller);
-        // enable_avx512's contract gives the CPU features.
-        unsafe { p.tokens(x, stride, 0, 1) };
-        let rest = side_by_side::<_, 2>(p, (f0, f1), &add_bias, store);
-        // The rows after the runs (fewer than their count).
-        side_by_side::<_, 1>(p, (rest, f1), &add_bias, store);
-        return;
-    }
+    // One token is a pure stream of weights: rows one after another,
+    // which the DRAM prefetchers follow best (measured: interleaved rows
+    // read the lm head at half the rate), many rows per call. Two such
+    // streams, the two halves of the features, a row of each at a time: a
+    // row's dot product waits on its own FMA chains, so a lone row left
+    // the core waiting on their latency (Q8_0's one chain a row most), and
+    // the memory serves two streams faster than one. Measured at batch 1
+    // (130m, 2 threads, `bench`, six runs a dtype alternated with one
+    // stream, medians): decode tok/s Q8_0 210 -> 219 in slow-memory
+    // minutes and 220 -> 272 in fast ones, f32 96.7 -> 103.9, bf16 173.8
+    // -> 179.5; f16 175 -> 183 in one set, 163 -> 160 in another that
+    // changed speed halfway. Three and four streams gained no more.
     // A few tokens (a small batch's decode step) stream the rows the same
-    // way, two runs side by side, where the format gains (Q8_0, and
-    // `Rows16::STREAM_TOKENS`), each row against every token: tiles of
-    // interleaved rows read f32 weights at about half the rate (batch 2
-    // stepped at 0.58x batch 1's steps/s).
+    // way where the format gains (`Product::streams`), each row against
+    // every token: tiles of interleaved rows read f32 weights at about
+    // half the rate (batch 2 stepped at 0.58x batch 1's steps/s).
     let streamed = match rows {
+        1 => streamed::<_, 1>(p, (x, stride), (f0, f1), &add_bias, store),
         2 => streamed::<_, 2>(p, (x, stride), (f0, f1), &add_bias, store),
         3 => streamed::<_, 3>(p, (x, stride), (f0, f1), &add_bias, store),
         4 => streamed::<_, 4>(p, (x, stride), (f0, f1), &add_bias, store),
@@ -614,7 +560,7 @@ pub(crate) mod x86 {
         fn bytes(self) -> *const u8;
         /// Up to how many tokens rows are better streamed against all of
         /// them ([`gemv_tokens`], two runs side by side) than run through
-        /// tiles. f32 rows need no widening: batch 2 decoded 1.84x batch
+        /// tiles (one, at least, in every format). f32 rows need no widening: batch 2 decoded 1.84x batch
         /// 1's tokens/s that way (one run), 1.13x through tiles (130m).
         /// Widened rows (bf16, f16) on one run were compute-bound, slower
         /// than their tiles (batch 2 157 against 179 tok/s in bf16); on two
@@ -623,7 +569,7 @@ pub(crate) mod x86 {
         /// bf16 b2 184 -> 268, b3 255 -> 334, b4 330 -> 288; f16 177 ->
         /// 270, 254 -> 360, 343 -> 282). f32 at four tokens: one run 178,
         /// two 213.
-        const STREAM_TOKENS: usize = 0;
+        const STREAM_TOKENS: usize = 1;
     }
 
     impl<W: Widen16> Rows16 for *const W {
@@ -830,31 +776,15 @@ pub(crate) mod x86 {
         }
     }
 
-    /// `out[r][i] = w row (o[r] + i) . x` over `k` elements: `R` runs of
-    /// rows (of one length), each one row after another, a row of each at
-    /// a time. Here, not in the caller, so that the tiles inline: a call a
-    /// row cost a tenth of a batch-1 product.
+    /// `out[r][i][t] = w row (o[r] + i) . x[t]` over `k` elements: `R`
+    /// runs of rows (of one length), each one row after another, a row of
+    /// each at a time, each row read once for all the tokens. Here, not in
+    /// the caller, so that the tiles inline: a call a row cost a tenth of a
+    /// batch-1 product.
     ///
     /// # Safety
     /// AVX-512 F/BW/VL are available; rows `o[r]..o[r] + out[r].len()` of
-    /// `w` and `k` elements of `x` are readable.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn gemv<W: Rows16, const R: usize>(
-        w: W,
-        x: *const f32,
-        k: usize,
-        o: [usize; R],
-        out: [&mut [f32]; R],
-    ) {
-        gemv_tokens(w, [x], k, o, out.map(bytemuck::cast_slice_mut::<f32, [f32; 1]>))
-    }
-
-    /// [`gemv`] against `T` tokens: `out[r][i][t] = w row (o[r] + i) .
-    /// x[t]`, `R` runs of rows (of one length) side by side, each row read
-    /// once for all the tokens.
-    ///
-    /// # Safety
-    /// As [`gemv`], for each of the `T` rows of `x`.
+    /// `w` and `k` elements of each `x[t]` are readable.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn gemv_tokens<W: Rows16, const R: usize, const T: usize>(
         w: W,

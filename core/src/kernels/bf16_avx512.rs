@@ -97,22 +97,10 @@ mod x86 {
         }
     }
 
-    /// `out[r][i] = w row (o[r] + i) . x row 0`: `R` runs of rows (of one
-    /// length), each one row after another (as
-    /// [`crate::kernels::avx512::x86::gemv`]): [`gemv_tokens`] for one token.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL and BF16 are available; rows `o[r]..o[r] +
-    /// out[r].len()` of `w` (rows of `x.k()`) are in bounds; row 0 of `x`
-    /// is rounded.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub unsafe fn gemv<const R: usize>(w: *const bf16, o: [usize; R], x: &Bf16Rows, out: [&mut [f32]; R]) {
-        gemv_tokens(w, o, x, out.map(bytemuck::cast_slice_mut::<f32, [f32; 1]>))
-    }
-
     /// `out[r][i][t] = w row (o[r] + i) . x row t` for the first `T`
-    /// rounded rows of `x`: `R` runs of rows (of one length) side by side,
-    /// each row read once for all the tokens (a small batch's decode step).
+    /// rounded rows of `x`: `R` runs of rows (of one length), each one row
+    /// after another (as [`crate::kernels::avx512::x86::gemv_tokens`]), a
+    /// row of each at a time, each row read once for all the tokens.
     ///
     /// # Safety
     /// AVX-512 F/BW/VL and BF16 are available; rows `o[r]..o[r] +
@@ -140,7 +128,7 @@ mod x86 {
             // `8q..8q + 8` of chain `q / 2`) for each pair, each lane the
             // same operations in the same order: 256-bit loads stream
             // faster from memory on Zen 4 (as
-            // [`crate::kernels::avx512::x86::gemv`]'s rows).
+            // [`crate::kernels::avx512::x86::gemv_tokens`]' rows).
             let mut q = [[[_mm256_setzero_ps(); 4]; T]; R];
             let mut i = 0;
             while i + 2 * BLOCK <= k {

@@ -133,9 +133,10 @@ mod x86 {
         }
     }
 
-    /// `out[r][i] = w row (o[r] + i) . x row 0`: `R` runs of rows (of one
-    /// length), each one row after another (as
-    /// [`crate::kernels::avx512::x86::gemv`]).
+    /// `out[r][i][t] = w row (o[r] + i) . x row t` for the first `T`
+    /// quantized rows of `x`: `R` runs of rows (of one length), each one
+    /// row after another (as [`crate::kernels::avx512::x86::gemv_tokens`]),
+    /// a row of each at a time, each row read once for all the tokens.
     ///
     /// [`tile`]'s arithmetic for one pair on 512-bit registers: the lanes
     /// of an even block and of the odd one after it side by side, so one
@@ -144,23 +145,9 @@ mod x86 {
     /// order as in [`tile`]'s two chains (the same bits: `core/tests/q8.rs`),
     /// in half the instructions. Measured: batch-1 decode 155.8 -> 171.3
     /// tok/s against the 1 x 1 tile; a 256-bit block at a time read no
-    /// faster (unlike the float rows, [`crate::kernels::avx512::x86::gemv`]).
-    /// A row is one FMA chain: the runs side by side give the core
-    /// independent chains to overlap.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW/VL and VNNI are available; rows `o[r]..o[r] +
-    /// out[r].len()` of `w` are in bounds; row 0 of `x` is quantized.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-    pub unsafe fn gemv<const R: usize>(w: Q8Rows, o: [usize; R], x: &QuantRows, out: [&mut [f32]; R]) {
-        gemv_tokens(w, o, x, out.map(bytemuck::cast_slice_mut::<f32, [f32; 1]>))
-    }
-
-    /// [`gemv`] against the first `T` quantized rows of `x`: `out[r][i][t]
-    /// = w row (o[r] + i) . x row t`, `R` runs of rows (of one length)
-    /// streamed side by side, each row read once for all the tokens (a
-    /// small batch's decode step). Each pair is [`gemv`]'s operations for
-    /// that token, so the same bits. Against the tiles of interleaved rows
+    /// faster (unlike the float rows). A row is one FMA chain a token: the
+    /// runs side by side give the core independent chains to overlap.
+    /// A small batch's decode step against the tiles of interleaved rows
     /// (130m, three alternations, fast minutes, decode tok/s): batch 2 266
     /// -> 321 on one run, 378 on two; batch 4 346 -> 404, 465.
     ///

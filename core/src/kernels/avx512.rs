@@ -560,15 +560,15 @@ pub(crate) mod x86 {
         fn bytes(self) -> *const u8;
         /// Up to how many tokens rows are better streamed against all of
         /// them ([`gemv_tokens`], two runs side by side) than run through
-        /// tiles (one, at least, in every format). f32 rows need no widening: batch 2 decoded 1.84x batch
-        /// 1's tokens/s that way (one run), 1.13x through tiles (130m).
-        /// Widened rows (bf16, f16) on one run were compute-bound, slower
-        /// than their tiles (batch 2 157 against 179 tok/s in bf16); on two
-        /// runs side by side they gain up to three tokens and lose at four
-        /// (130m, slow minutes, 3-4 alternations, tok/s tiles -> streamed:
-        /// bf16 b2 184 -> 268, b3 255 -> 334, b4 330 -> 288; f16 177 ->
-        /// 270, 254 -> 360, 343 -> 282). f32 at four tokens: one run 178,
-        /// two 213.
+        /// tiles (one, at least, in every format). f32 rows need no
+        /// widening: batch 2 decoded 1.84x batch 1's tokens/s that way (one
+        /// run), 1.13x through tiles (130m). Widened rows (bf16, f16) on
+        /// one run were compute-bound, slower than their tiles (batch 2 157
+        /// against 179 tok/s in bf16); on two runs side by side they gain
+        /// up to three tokens and lose at four (130m, slow minutes, 3-4
+        /// alternations, tok/s tiles -> streamed: bf16 b2 184 -> 268, b3
+        /// 255 -> 334, b4 330 -> 288; f16 177 -> 270, 254 -> 360, 343 ->
+        /// 282). f32 at four tokens: one run 178, two 213.
         const STREAM_TOKENS: usize = 1;
     }
 

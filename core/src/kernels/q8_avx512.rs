@@ -167,6 +167,7 @@ mod x86 {
             *xr = x.row(t);
         }
         let top = _mm512_set1_epi8(-128);
+        // Lanes 0..8 from scale `j`, lanes 8..16 from `j + 1`, for j = 0.
         let pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         let len = out.iter().map(|run| run.len()).min().unwrap_or(0);
         for i in 0..len {

@@ -152,13 +152,14 @@ trait Product {
     /// # Safety
     /// Those rows are in bounds; the tokens are made; AVX-512 F/BW/VL are available.
     unsafe fn tile(&self, o: usize, nr: usize, nt: usize) -> [[f32; TILE_T]; TILE_R];
-    /// Whether [`Product::gemv_tokens`] serves `t` tokens (every format
-    /// serves one; for more, else the tiles do).
-    fn streams(&self, t: usize) -> bool;
+    /// How many runs side by side [`Product::gemv_tokens`] streams for `t`
+    /// tokens: 1 or 2 (every format streams one token in two); 0 where
+    /// the tiles serve `t` tokens.
+    fn stream_runs(&self, t: usize) -> usize;
     /// `out[r][i][t] = w[o[r] + i] . ` token `t`, for the first `T`
     /// tokens: `R` runs of rows, all of one length, streamed side by side,
     /// each row read once for all the tokens. Called where
-    /// [`Product::streams`] `(T)`.
+    /// [`Product::stream_runs`] `(T)` is not 0.
     /// # Safety
     /// Rows `o[r]..o[r] + out[r].len()` are in bounds; the first `T`
     /// tokens are made; AVX-512 F/BW/VL are available.
@@ -206,8 +207,13 @@ impl<W: x86::Rows16> Product for Floats<W> {
         self.x = x.as_ptr().add(t0 * stride);
         self.stride = stride;
     }
-    fn streams(&self, t: usize) -> bool {
-        t <= W::STREAM_TOKENS
+    fn stream_runs(&self, t: usize) -> usize {
+        match t {
+            1 => 2,
+            t if t <= W::STREAM_TOKENS.1 => 2,
+            t if t <= W::STREAM_TOKENS.0 => 1,
+            _ => 0,
+        }
     }
     unsafe fn gemv_tokens<const R: usize, const T: usize>(&self, o: [usize; R], out: [&mut [[f32; T]]; R]) {
         let (x, stride) = (self.x, self.stride);
@@ -257,8 +263,12 @@ impl Product for Q8Ints {
     unsafe fn tokens(&mut self, x: &[f32], stride: usize, t0: usize, nt: usize) {
         self.x.quantize(x, stride, t0, nt);
     }
-    fn streams(&self, t: usize) -> bool {
-        t <= TILE_T
+    fn stream_runs(&self, t: usize) -> usize {
+        if t <= TILE_T {
+            2
+        } else {
+            0
+        }
     }
     unsafe fn gemv_tokens<const R: usize, const T: usize>(&self, o: [usize; R], out: [&mut [[f32; T]]; R]) {
         q8::gemv_tokens(self.w, o, &self.x, out)
@@ -309,8 +319,12 @@ impl Product for Bf16Dots {
     /// Up to three tokens: against the tiles (130m, `--bf16-dot`, three
     /// alternations, decode tok/s) batch 2 199 -> 286, batch 3 274 -> 363,
     /// but batch 4 317 -> 297.
-    fn streams(&self, t: usize) -> bool {
-        t <= 3
+    fn stream_runs(&self, t: usize) -> usize {
+        if t <= 3 {
+            2
+        } else {
+            0
+        }
     }
     unsafe fn gemv_tokens<const R: usize, const T: usize>(&self, o: [usize; R], out: [&mut [[f32; T]]; R]) {
         bfd::gemv_tokens(self.w, o, &self.x, out)
@@ -369,15 +383,16 @@ fn streamed<P: Product, const T: usize>(
     add_bias: &impl Fn(&mut [f32], usize),
     store: &mut impl FnMut(usize, usize, &[f32]),
 ) -> bool {
-    if !p.streams(T) {
+    let runs = p.stream_runs(T);
+    if runs == 0 {
         return false;
     }
     // SAFETY: rows 0..T of x are in bounds (asserted by the caller);
     // enable_avx512's contract gives the CPU features.
     unsafe { p.tokens(x, stride, 0, T) };
     // Two runs side by side (see `blocked`), then the rows after them
-    // (fewer than two).
-    let rest = streamed_runs::<_, 2, T>(p, (f0, f1), add_bias, store);
+    // (fewer than two); or one run.
+    let rest = if runs == 2 { streamed_runs::<_, 2, T>(p, (f0, f1), add_bias, store) } else { f0 };
     streamed_runs::<_, 1, T>(p, (rest, f1), add_bias, store);
     true
 }
@@ -451,7 +466,7 @@ fn blocked(
     // -> 179.5; f16 175 -> 183 in one set, 163 -> 160 in another that
     // changed speed halfway. Three and four streams gained no more.
     // A few tokens (a small batch's decode step) stream the rows the same
-    // way where the format gains (`Product::streams`), each row against
+    // way where the format gains (`Product::stream_runs`), each row against
     // every token: tiles of interleaved rows read f32 weights at about
     // half the rate (batch 2 stepped at 0.58x batch 1's steps/s).
     let streamed = match rows {
@@ -559,22 +574,28 @@ pub(crate) mod x86 {
         /// The bytes the weights stream from (for prefetch hints).
         fn bytes(self) -> *const u8;
         /// Up to how many tokens rows are better streamed against all of
-        /// them ([`gemv_tokens`], two runs side by side) than run through
-        /// tiles (one, at least, in every format). f32 rows need no
-        /// widening: batch 2 decoded 1.84x batch 1's tokens/s that way (one
-        /// run), 1.13x through tiles (130m). Widened rows (bf16, f16) on
-        /// one run were compute-bound, slower than their tiles (batch 2 157
-        /// against 179 tok/s in bf16); on two runs side by side they gain
-        /// up to three tokens and lose at four (130m, slow minutes, 3-4
-        /// alternations, tok/s tiles -> streamed: bf16 b2 184 -> 268, b3
-        /// 255 -> 334, b4 330 -> 288; f16 177 -> 270, 254 -> 360, 343 ->
-        /// 282). f32 at four tokens: one run 178, two 213.
-        const STREAM_TOKENS: usize = 1;
+        /// them ([`gemv_tokens`]) than run through tiles, and up to how
+        /// many of those on two runs side by side rather than one (one
+        /// token, at least, on two in every format). f32 rows need no
+        /// widening: batch 2 decoded 1.84x batch 1's tokens/s on one run,
+        /// 1.13x through tiles (130m). On two runs f32 gained in slow
+        /// minutes and lost in fast ones (b4 162 -> 195 tok/s at 33 GB/s,
+        /// 208 -> 163 at 56-64; b2 125 -> 118, 182 -> 167), so it keeps
+        /// one. Widened rows (bf16, f16) on one run were compute-bound,
+        /// slower than their tiles (batch 2 157 against 179 tok/s in
+        /// bf16); on two runs side by side they gain up to three tokens and
+        /// lose at four (130m, slow minutes, 3-4 alternations, tok/s tiles
+        /// -> streamed: bf16 b2 184 -> 268, b3 255 -> 334, b4 330 -> 288;
+        /// f16 177 -> 270, 254 -> 360, 343 -> 282; bf16 in fast minutes b2
+        /// 176 -> 299, b3 237 -> 323).
+        const STREAM_TOKENS: (usize, usize) = (1, 1);
     }
 
     impl<W: Widen16> Rows16 for *const W {
-        // f32 (the one 4-byte element) up to the tiles' tokens; bf16 and f16 three.
-        const STREAM_TOKENS: usize = if core::mem::size_of::<W>() == 4 { super::TILE_T } else { 3 };
+        // f32 (the one 4-byte element) up to the tiles' tokens on one run;
+        // bf16 and f16 three on two.
+        const STREAM_TOKENS: (usize, usize) =
+            if core::mem::size_of::<W>() == 4 { (super::TILE_T, 1) } else { (3, 3) };
         #[inline(always)]
         unsafe fn load16(self, i: usize) -> __m512 {
             W::load16(self.add(i))

@@ -209,7 +209,6 @@ impl<W: x86::Rows16> Product for Floats<W> {
     }
     fn stream_runs(&self, t: usize) -> usize {
         match t {
-            1 => 2,
             t if t <= W::STREAM_TOKENS.1 => 2,
             t if t <= W::STREAM_TOKENS.0 => 1,
             _ => 0,
